@@ -1,0 +1,1 @@
+//! keel-image: builds and inspects Keel appliance disk images.

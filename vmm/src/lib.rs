@@ -1,0 +1,1 @@
+//! keel-vmm: Keel's KVM virtual machine monitor.
