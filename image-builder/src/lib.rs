@@ -1,1 +1,3 @@
 //! keel-image: builds and inspects Keel appliance disk images.
+
+pub mod validate;
