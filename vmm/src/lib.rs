@@ -1,1 +1,40 @@
-//! keel-vmm: Keel's KVM virtual machine monitor.
+//! keel-vmm: Keel's KVM virtual machine monitor, one process per guest.
+//!
+//! x86_64 direct Linux boot (bzImage with boot protocol >= 2.06, or ELF vmlinux) with an
+//! initramfs and command line; 1 to 32 vCPUs announced through an MP table; an in-kernel
+//! irqchip and PIT; an 8250 UART on 0x3f8/IRQ 4; an i8042 whose reset line ends the VM;
+//! a CMOS RTC; a Firecracker-style boot timer on port 0x3f0.
+//!
+//! ```no_run
+//! use keel_vmm::{Vm, VmConfig};
+//! let mut config = VmConfig::new("/boot/vmlinuz");
+//! config.cpus = 2;
+//! let reason = Vm::build(&config, std::time::Instant::now())?.run()?;
+//! std::process::exit(reason.exit_code());
+//! # Ok::<(), keel_vmm::Error>(())
+//! ```
+//!
+//! # Exit codes of the `keel-vmm` binary
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | the guest powered off or halted for good, or it stopped after SIGTERM's Ctrl-Alt-Del |
+//! | 1 | VMM error: bad input, KVM failure, or the guest crashed its vCPU (one line on stderr says which) |
+//! | 2 | usage error on the command line |
+//! | 3 | the guest asked to reboot (i8042 reset, e.g. `reboot` with `reboot=k`, or a triple fault) |
+//! | 4 | stopped hard: the guest ignored SIGTERM's Ctrl-Alt-Del for the grace period, a second signal came, or `Ctrl-A x` was typed on the console |
+
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod control;
+pub mod cpu;
+pub mod devices;
+pub mod error;
+pub mod memory;
+pub mod vm;
+
+pub use config::{MemorySize, SerialOutput, VmConfig};
+pub use control::{EXIT_ERROR, EXIT_KILLED, EXIT_POWER_OFF, EXIT_REBOOT, EXIT_USAGE, ExitReason};
+pub use error::{Error, Result};
+pub use vm::Vm;

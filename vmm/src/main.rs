@@ -1,4 +1,160 @@
-fn main() {
-    eprintln!("keel-vmm: not yet implemented (see issue 3)");
-    std::process::exit(1);
+//! `keel-vmm`: boot one Linux guest under KVM. See `keel-vmm --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{ArgGroup, Parser};
+use keel_vmm::{EXIT_ERROR, EXIT_USAGE, MemorySize, SerialOutput, Vm, VmConfig};
+
+const AFTER_HELP: &str = "\
+Examples:
+  # Boot a kernel with an initramfs, 2 vCPUs and 1 GiB, console on this terminal
+  keel-vmm --kernel /boot/vmlinuz --initrd initrd.img --cpus 2 --memory 1GiB
+
+  # Quiet boot with the console in a file and the boot time on stderr
+  keel-vmm --kernel vmlinux --cmdline 'console=ttyS0 reboot=k panic=1 quiet' \\
+           --serial file:/var/log/guest.log --boot-timer
+
+  # Everything from a JSON file (same fields as the flags; flags override it)
+  keel-vmm --config guest.json
+  #   {\"kernel\": \"/boot/vmlinuz\", \"initrd\": \"/boot/initrd\", \"cpus\": 2,
+  #    \"memory\": \"512MiB\", \"serial\": \"unix:/run/keel/guest.sock\",
+  #    \"cmdline\": \"console=ttyS0 reboot=k panic=1\", \"boot_timer\": false,
+  #    \"shutdown_timeout_ms\": 10000}
+
+Console: with --serial stdio on a terminal, keys go to the guest; Ctrl-A x stops the VM.
+Signals: SIGTERM/SIGINT/SIGHUP type Ctrl-Alt-Del into the guest; if it has not stopped
+after --shutdown-timeout seconds (or on a second signal) the VM is stopped hard.
+
+Exit codes:
+  0  the guest powered off or halted, or stopped after SIGTERM
+  1  VMM error (bad input, KVM failure, guest crashed its vCPU); one line on stderr
+  2  usage error
+  3  the guest asked to reboot (i8042 reset as with `reboot=k`, or a triple fault)
+  4  stopped hard (grace period over, second signal, or Ctrl-A x)
+
+Logging: RUST_LOG (default `info`) filters the VMM's log on stderr.";
+
+/// Boot one Linux guest under KVM (x86_64 direct boot).
+#[derive(Debug, Parser)]
+#[command(name = "keel-vmm", version, after_help = AFTER_HELP)]
+#[command(group(ArgGroup::new("source").required(true).multiple(true).args(["kernel", "config"])))]
+struct Cli {
+    /// Kernel: bzImage (boot protocol >= 2.06) or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1 pci=off"].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1 to 32) [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u8>,
+    /// Guest RAM, with a binary unit: 512MiB, 2GiB, ... [default: 512MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<MemorySize>,
+    /// Serial console: stdio, file:PATH, unix:PATH (connects to a listening socket), none.
+    #[arg(long, value_name = "TARGET", value_parser = parse_serial)]
+    serial: Option<SerialOutput>,
+    /// Log "boot-timer: guest ready N us after VMM start" when the guest writes 123 to
+    /// port 0x3f0.
+    #[arg(long)]
+    boot_timer: bool,
+    /// Seconds the guest gets to stop after SIGTERM's Ctrl-Alt-Del [default: 10].
+    #[arg(long, value_name = "SECS")]
+    shutdown_timeout: Option<f64>,
+    /// Read the VM config from a JSON file; flags given as well override its fields.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn parse_memory(s: &str) -> Result<MemorySize, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+}
+
+impl Cli {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_json_file(path)?,
+            // clap's group guarantees --kernel when there is no --config.
+            None => VmConfig::new(self.kernel.clone().context("--kernel is required")?),
+        };
+        if let Some(kernel) = self.kernel {
+            config.kernel = kernel;
+        }
+        if let Some(initrd) = self.initrd {
+            config.initrd = Some(initrd);
+        }
+        if let Some(cmdline) = self.cmdline {
+            config.cmdline = cmdline;
+        }
+        if let Some(cpus) = self.cpus {
+            config.cpus = cpus;
+        }
+        if let Some(memory) = self.memory {
+            config.memory = memory;
+        }
+        if let Some(serial) = self.serial {
+            config.serial = serial;
+        }
+        if self.boot_timer {
+            config.boot_timer = true;
+        }
+        if let Some(secs) = self.shutdown_timeout {
+            anyhow::ensure!(
+                secs.is_finite() && secs >= 0.0,
+                "--shutdown-timeout {secs}: expected a number of seconds, 0 or more"
+            );
+            config.shutdown_timeout_ms = (secs * 1000.0) as u64;
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    // First thing: the boot timer measures from here.
+    let start = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    init_logging();
+    match run(cli, start) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("keel-vmm: error: {e:#}");
+            ExitCode::from(EXIT_ERROR as u8)
+        }
+    }
+}
+
+fn run(cli: Cli, start: Instant) -> anyhow::Result<i32> {
+    let config = cli.into_config()?;
+    let vm = Vm::build(&config, start)?;
+    let reason = vm.run()?;
+    tracing::info!("guest ended: {reason:?}");
+    Ok(reason.exit_code())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

@@ -1,0 +1,284 @@
+//! One thread per vCPU: configure it, then run it and dispatch its exits to the buses
+//! until the VM stops.
+//!
+//! Stopping: the main thread sets the VM's stop flag and sends [`kick_signal`] to each
+//! vCPU thread. The handler sets `immediate_exit` in that thread's `kvm_run`, so a
+//! KVM_RUN that was about to start returns at once instead of losing the wakeup, and one
+//! already running returns with EINTR; the loop then sees the flag and ends.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use super::{CpuError, cpuid, msr, regs};
+use crate::bus::Bus;
+use crate::control::{ExitReason, VmControl};
+
+/// What a vCPU thread needs to handle exits.
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<VmControl>,
+}
+
+/// A created and configured vCPU, not yet running.
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` and gives it its CPUID, MSRs, FPU and LAPIC state. The boot
+    /// processor (`entry` given) also gets the 64-bit entry state; the others wait in
+    /// KVM for the guest's INIT/SIPI, as on real hardware.
+    pub fn new(
+        vm: &VmFd,
+        id: u8,
+        cpus: u8,
+        supported_cpuid: &CpuId,
+        supported_msrs: &[u32],
+        entry: Option<u64>,
+    ) -> Result<Self, CpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(CpuError::setup(id, "KVM_CREATE_VCPU"))?;
+        let table = cpuid::for_vcpu(supported_cpuid, id, cpus)?;
+        fd.set_cpuid2(&table)
+            .map_err(CpuError::setup(id, "KVM_SET_CPUID2"))?;
+        msr::set_boot_msrs(&fd, id, supported_msrs)?;
+        regs::set_fpu(&fd, id)?;
+        if let Some(entry) = entry {
+            regs::set_boot_sregs(&fd, id)?;
+            regs::set_boot_regs(&fd, id, entry)?;
+        }
+        regs::set_lint_pins(&fd, id)?;
+        Ok(Vcpu { id, fd })
+    }
+}
+
+/// The real-time signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's kvm_run, for the kick handler. Null when no vCPU runs here.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a const thread-local read and one byte store.
+    KVM_RUN.with(|run| {
+        let ptr = run.get();
+        if !ptr.is_null() {
+            // SAFETY: the pointer is this thread's live kvm_run mapping; it is cleared
+            // before the mapping goes away.
+            unsafe { (*ptr).immediate_exit = 1 };
+        }
+    });
+}
+
+/// Installs the kick handler (idempotent).
+pub fn install_kick_handler() -> Result<(), crate::error::Error> {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            register_signal_handler(kick_signal(), kick_handler)
+                .map_err(|e| crate::error::errno_message(&e))
+        })
+        .clone()
+        .map_err(|reason| crate::error::Error::Io {
+            what: "installing the vCPU kick signal handler",
+            reason,
+        })
+}
+
+/// Starts the vCPU's thread.
+pub fn spawn(vcpu: Vcpu, ctx: Arc<VcpuContext>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{}", vcpu.id))
+        .spawn(move || run(vcpu, &ctx))
+}
+
+/// Reports a panic in this thread as a VM error so the main thread does not wait forever.
+struct PanicGuard<'a> {
+    id: u8,
+    control: &'a VmControl,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.control.request_exit(ExitReason::Error(format!(
+                "vCPU {} thread panicked",
+                self.id
+            )));
+        }
+    }
+}
+
+/// What to do after one exit.
+enum Next {
+    Continue,
+    Stop(ExitReason),
+}
+
+/// Raw exit facts gathered while `run()`'s borrow is live, handled after it ends.
+enum Fault {
+    Shutdown,
+    FailEntry(u64),
+    Internal,
+    Crash,
+    Unexpected(String),
+    RunError(String),
+}
+
+fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
+    let _guard = PanicGuard {
+        id: vcpu.id,
+        control: &ctx.control,
+    };
+    let run_ptr: *mut kvm_run = vcpu.fd.get_kvm_run();
+    KVM_RUN.with(|r| r.set(run_ptr));
+    while !ctx.control.is_stopping() {
+        match step(&mut vcpu, run_ptr, ctx) {
+            Next::Continue => {}
+            Next::Stop(reason) => {
+                ctx.control.request_exit(reason);
+                break;
+            }
+        }
+    }
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+fn step(vcpu: &mut Vcpu, run_ptr: *mut kvm_run, ctx: &VcpuContext) -> Next {
+    let fault = match vcpu.fd.run() {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            for chunk in data.chunks(io_size(run_ptr, data.len())) {
+                if !ctx.pio.write(u64::from(port), chunk) {
+                    tracing::trace!("unhandled port write {port:#x} {chunk:x?}");
+                }
+            }
+            return Next::Continue;
+        }
+        Ok(VcpuExit::IoIn(port, data)) => {
+            let size = io_size(run_ptr, data.len());
+            for chunk in data.chunks_mut(size) {
+                // Nothing there: an open ISA bus reads all ones.
+                chunk.fill(0xff);
+                if !ctx.pio.read(u64::from(port), chunk) {
+                    tracing::trace!("unhandled port read {port:#x}");
+                }
+            }
+            return Next::Continue;
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            if !ctx.mmio.write(addr, data) {
+                tracing::trace!("unhandled MMIO write {addr:#x} {data:x?}");
+            }
+            return Next::Continue;
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            data.fill(0xff);
+            if !ctx.mmio.read(addr, data) {
+                tracing::trace!("unhandled MMIO read {addr:#x}");
+            }
+            return Next::Continue;
+        }
+        // Only seen without an in-kernel LAPIC; with it, HLT waits in KVM.
+        Ok(VcpuExit::Hlt) => return Next::Stop(ExitReason::PowerOff),
+        Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => return Next::Stop(ExitReason::PowerOff),
+            KVM_SYSTEM_EVENT_RESET => return Next::Stop(ExitReason::Reboot),
+            _ => Fault::Crash,
+        },
+        Ok(VcpuExit::Shutdown) => Fault::Shutdown,
+        Ok(VcpuExit::FailEntry(reason, _)) => Fault::FailEntry(reason),
+        Ok(VcpuExit::InternalError) => Fault::Internal,
+        Ok(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => return Next::Continue,
+        Ok(other) => Fault::Unexpected(format!("{other:?}")),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // A kick: the loop condition decides whether to go on.
+            vcpu.fd.set_kvm_immediate_exit(0);
+            return Next::Continue;
+        }
+        Err(e) => Fault::RunError(crate::error::errno_message(&e)),
+    };
+    let id = vcpu.id;
+    let regs = describe_registers(&vcpu.fd);
+    match fault {
+        Fault::Shutdown => {
+            // A triple fault: how some kernels reboot (reboot=t), and how a crashed
+            // early boot ends. Either way the guest is reset, i.e. rebooted.
+            tracing::warn!(
+                "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN), treating as reboot; {regs}"
+            );
+            Next::Stop(ExitReason::Reboot)
+        }
+        Fault::FailEntry(reason) => Next::Stop(ExitReason::Error(format!(
+            "vCPU {id}: KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x}); {regs}"
+        ))),
+        Fault::Internal => {
+            // SAFETY: the exit reason says the `internal` union member is valid.
+            let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
+            Next::Stop(ExitReason::Error(format!(
+                "vCPU {id}: KVM_EXIT_INTERNAL_ERROR (suberror {suberror}{}); {regs}",
+                if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                    ": instruction emulation failed"
+                } else {
+                    ""
+                }
+            )))
+        }
+        Fault::Crash => Next::Stop(ExitReason::Error(format!(
+            "vCPU {id}: guest crash event; {regs}"
+        ))),
+        Fault::Unexpected(what) => Next::Stop(ExitReason::Error(format!(
+            "vCPU {id}: unexpected exit {what}; {regs}"
+        ))),
+        Fault::RunError(reason) => Next::Stop(ExitReason::Error(format!(
+            "vCPU {id}: KVM_RUN failed: {reason}; {regs}"
+        ))),
+    }
+}
+
+/// Size of one port access: KVM hands string I/O (`rep outsb`) over as `count` accesses
+/// of `size` bytes in one buffer.
+fn io_size(run_ptr: *mut kvm_run, total: usize) -> usize {
+    // SAFETY: called only for KVM_EXIT_IO, when the `io` union member is valid.
+    let size = unsafe { (*run_ptr).__bindgen_anon_1.io.size } as usize;
+    if size == 0 { total.max(1) } else { size }
+}
+
+/// One line with the registers that explain where a guest died.
+pub fn describe_registers(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
+             cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            s.cs.selector,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            format!("registers unavailable: {}", crate::error::errno_message(&e))
+        }
+    }
+}

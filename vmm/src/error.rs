@@ -1,0 +1,69 @@
+//! The VMM's top-level error type and small helpers for readable messages.
+
+use std::io;
+
+use crate::boot::BootError;
+use crate::config::ConfigError;
+use crate::cpu::CpuError;
+use crate::memory::MemoryError;
+
+/// Everything that can stop a VM from being built or keep it from running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open it?)")]
+    KvmOpen(String),
+    #[error("KVM: {what}: {reason}")]
+    Kvm { what: &'static str, reason: String },
+    #[error("serial {target}: {reason}")]
+    Serial { target: String, reason: String },
+    #[error("{what}: {reason}")]
+    Io { what: &'static str, reason: String },
+    /// The guest did something the VMM cannot continue from (entry failure, emulation
+    /// failure, unexpected exit); the message carries the vCPU registers.
+    #[error("{0}")]
+    Guest(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `io::Error`'s text without the trailing " (os error N)", which operators do not need.
+pub fn os_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Same for the errno type the rust-vmm crates return.
+pub fn errno_message(e: &vmm_sys_util::errno::Error) -> String {
+    os_message(&io::Error::from_raw_os_error(e.errno()))
+}
+
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm {
+        what,
+        reason: errno_message(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_message_drops_errno_suffix() {
+        let e = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(os_message(&e), "No such file or directory");
+        let e = io::Error::other("plain");
+        assert_eq!(os_message(&e), "plain");
+    }
+}

@@ -1,0 +1,489 @@
+//! Building a VM from a [`VmConfig`] and running it to its end.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, layout, loader, mptable, params};
+use crate::bus::{Bus, SharedDevice, lock};
+use crate::config::{SerialOutput, VmConfig};
+use crate::control::{ExitReason, VmControl};
+use crate::cpu::{msr, regs, vcpu};
+use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
+use crate::devices::cmos::{CMOS_LEN, CMOS_PORT, Cmos};
+use crate::devices::i8042::{AUX_IRQ, I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
+use crate::devices::serial::{self, COM1_IRQ, COM1_LEN, COM1_PORT, RawTerminal, SerialDevice};
+use crate::devices::{IrqLine, sink::Sink};
+use crate::error::{Error, Result, errno_message, kvm_err, os_message};
+use crate::memory::{self, GuestMemory};
+
+/// POST code port; Linux also writes it as an I/O delay.
+const POST_PORT: u64 = 0x80;
+
+/// Where serial input comes from, decided at build time.
+enum SerialInput {
+    None,
+    /// stdin; `true` when it is a terminal (raw mode, Ctrl-A escape).
+    Stdin,
+    /// The unix socket the output goes to.
+    Socket(OwnedFd),
+}
+
+/// A VM that is fully built (memory loaded, vCPUs configured) and ready to run.
+pub struct Vm {
+    config: VmConfig,
+    // Field order is drop order: vCPUs go before the VM fd, the VM before KVM.
+    vcpus: Vec<vcpu::Vcpu>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    _memory: GuestMemory,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    control: Arc<VmControl>,
+    i8042: Arc<Mutex<I8042>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_input: SerialInput,
+}
+
+impl Vm {
+    /// Validates `config`, creates the VM, loads the kernel and configures every vCPU.
+    /// `start` is when the VMM started; the boot timer reports relative to it.
+    pub fn build(config: &VmConfig, start: Instant) -> Result<Vm> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(|e| Error::KvmOpen(errno_message(&e)))?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Pit2, "in-kernel PIT"),
+            (Cap::UserMemory, "user memory regions"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::SetTssAddr, "TSS address"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::Kvm {
+                    what: "capability check",
+                    reason: format!("this KVM lacks {name}"),
+                });
+            }
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let t = Instant::now();
+        let guest_memory = memory::allocate(config.memory)?;
+        register_memory(&vm_fd, &guest_memory)?;
+        tracing::debug!("guest memory mapped and registered in {:?}", t.elapsed());
+
+        let t = Instant::now();
+        let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(loader::load_initrd(&guest_memory, path, &kernel)?),
+            None => None,
+        };
+        let cmdline_len = loader::load_cmdline(&guest_memory, &config.cmdline, &kernel)?;
+        params::write_boot_params(
+            &guest_memory,
+            &kernel,
+            cmdline_len,
+            initrd,
+            &memory::e820_map(config.memory.bytes()),
+        )?;
+        mptable::write(&guest_memory, config.cpus)?;
+        regs::write_boot_tables(&guest_memory)?;
+        tracing::debug!(
+            "{:?} kernel loaded in {:?}, entry {:#x}",
+            kernel.format,
+            t.elapsed(),
+            kernel.entry.0
+        );
+
+        let control = Arc::new(VmControl::new().map_err(|e| Error::Io {
+            what: "creating the exit eventfd",
+            reason: os_message(&e),
+        })?);
+        let devices = Devices::create(config, start, &vm_fd, &control)?;
+
+        let t = Instant::now();
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| crate::cpu::CpuError::SupportedCpuid(errno_message(&e)))?;
+        let supported_msrs = msr::supported(&kvm)?;
+        let vcpus = (0..config.cpus)
+            .map(|id| {
+                vcpu::Vcpu::new(
+                    &vm_fd,
+                    id,
+                    config.cpus,
+                    &supported_cpuid,
+                    &supported_msrs,
+                    (id == 0).then_some(kernel.entry.0),
+                )
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        tracing::debug!("{} vCPUs configured in {:?}", vcpus.len(), t.elapsed());
+
+        Ok(Vm {
+            config: config.clone(),
+            vcpus,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            _memory: guest_memory,
+            pio: Arc::new(devices.pio),
+            mmio: Arc::new(Bus::new()),
+            control,
+            i8042: devices.i8042,
+            serial: devices.serial,
+            serial_input: devices.serial_input,
+        })
+    }
+
+    /// Runs the guest until it powers off, reboots, fails or is stopped by a signal.
+    ///
+    /// SIGTERM, SIGINT and SIGHUP are taken over while the VM runs: the first one types
+    /// Ctrl-Alt-Del into the guest and starts the shutdown grace period; a second one,
+    /// or the end of the grace period, stops the VM hard. Never returns
+    /// `Ok(ExitReason::Error(_))`: guest failures come back as `Err(Error::Guest)`.
+    pub fn run(mut self) -> Result<ExitReason> {
+        vcpu::install_kick_handler()?;
+        let signals = SignalGuard::block_stop_signals()?;
+        let input_stop = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io {
+            what: "creating an eventfd",
+            reason: os_message(&e),
+        })?;
+        let (input_thread, raw_terminal) = self.start_serial_input(&input_stop)?;
+
+        let ctx = Arc::new(vcpu::VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            control: self.control.clone(),
+        });
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for v in self.vcpus.drain(..) {
+            match vcpu::spawn(v, ctx.clone()) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    spawn_error = Some(os_message(&e));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = spawn_error {
+            self.control.request_exit(ExitReason::Error(format!(
+                "cannot start a vCPU thread: {reason}"
+            )));
+        }
+
+        let stop_requested = self.wait_for_exit(&signals);
+
+        // Teardown: every vCPU out of KVM_RUN and joined, input thread joined, terminal
+        // restored (RawTerminal's drop), signal mask restored (SignalGuard's drop).
+        self.control.request_exit(ExitReason::Killed);
+        for t in &threads {
+            // A thread that already ended cannot be signalled; that is fine.
+            let _ = t.kill(vcpu::kick_signal());
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = input_stop.write(1);
+        if let Some(t) = input_thread {
+            let _ = t.join();
+        }
+        drop(raw_terminal);
+        drop(signals);
+
+        let reason = self
+            .control
+            .reason()
+            .unwrap_or(ExitReason::Error("VM stopped without a reason".into()));
+        match reason {
+            ExitReason::Error(msg) => Err(Error::Guest(msg)),
+            ExitReason::Reboot | ExitReason::PowerOff if stop_requested => Ok(ExitReason::Stopped),
+            other => Ok(other),
+        }
+    }
+
+    /// Waits for the VM to end, handling stop signals. Returns whether a stop was
+    /// requested by signal.
+    fn wait_for_exit(&self, signals: &SignalGuard) -> bool {
+        let grace = Duration::from_millis(self.config.shutdown_timeout_ms);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let timeout_ms = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32,
+                None => -1,
+            };
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.control.exit_evt().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: signals.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.control.request_exit(ExitReason::Error(format!(
+                    "waiting for the VM: {}",
+                    os_message(&e)
+                )));
+                return deadline.is_some();
+            }
+            if fds[0].revents != 0 || self.control.is_stopping() {
+                return deadline.is_some();
+            }
+            if fds[1].revents != 0
+                && let Some(signo) = signals.read()
+            {
+                if deadline.is_some() || grace.is_zero() {
+                    tracing::info!("signal {signo} again: stopping the VM hard");
+                    self.control.request_exit(ExitReason::Killed);
+                    return true;
+                }
+                tracing::info!(
+                    "signal {signo}: sending Ctrl-Alt-Del, stopping hard in {:?}",
+                    grace
+                );
+                lock(&self.i8042).inject_ctrl_alt_del();
+                deadline = Some(Instant::now() + grace);
+            }
+            if let Some(d) = deadline
+                && Instant::now() >= d
+            {
+                tracing::warn!("guest did not stop within {:?}: stopping it hard", grace);
+                self.control.request_exit(ExitReason::Killed);
+                return true;
+            }
+        }
+    }
+
+    fn start_serial_input(
+        &self,
+        stop: &EventFd,
+    ) -> Result<(Option<JoinHandle<()>>, Option<RawTerminal>)> {
+        let (fd, is_tty): (RawFd, bool) = match &self.serial_input {
+            SerialInput::None => return Ok((None, None)),
+            SerialInput::Stdin => (libc::STDIN_FILENO, true),
+            SerialInput::Socket(s) => (s.as_raw_fd(), false),
+        };
+        let raw = if is_tty {
+            Some(RawTerminal::enable(fd).map_err(|e| Error::Io {
+                what: "putting the terminal in raw mode",
+                reason: os_message(&e),
+            })?)
+        } else {
+            None
+        };
+        let stop = stop.try_clone().map_err(|e| Error::Io {
+            what: "cloning an eventfd",
+            reason: os_message(&e),
+        })?;
+        let handle =
+            serial::spawn_input_thread(fd, is_tty, stop, self.serial.clone(), self.control.clone())
+                .map_err(|e| Error::Io {
+                    what: "starting the serial input thread",
+                    reason: os_message(&e),
+                })?;
+        Ok((Some(handle), raw))
+    }
+}
+
+/// Registers each RAM region with KVM as one memory slot.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is valid for `len` bytes and lives in `Vm` until after
+        // the VM fd (which holds the slot) is dropped.
+        unsafe { vm_fd.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// The legacy devices and the port I/O bus that routes to them.
+struct Devices {
+    pio: Bus,
+    i8042: Arc<Mutex<I8042>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_input: SerialInput,
+}
+
+impl Devices {
+    fn create(
+        config: &VmConfig,
+        start: Instant,
+        vm_fd: &VmFd,
+        control: &Arc<VmControl>,
+    ) -> Result<Self> {
+        let irq = |gsi: u32| -> Result<IrqLine> {
+            let line = IrqLine::new(gsi).map_err(|e| Error::Io {
+                what: "creating an interrupt eventfd",
+                reason: os_message(&e),
+            })?;
+            vm_fd
+                .register_irqfd(line.eventfd(), gsi)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            Ok(line)
+        };
+
+        let sink = serial::open_sink(&config.serial)?;
+        let serial_input = match (&config.serial, &sink) {
+            (SerialOutput::Stdio, _) if serial::is_terminal(libc::STDIN_FILENO) => {
+                SerialInput::Stdin
+            }
+            (SerialOutput::Unix(_), serial::SerialSink::Unix(stream)) => {
+                let clone = stream.try_clone().map_err(|e| Error::Serial {
+                    target: config.serial.to_string(),
+                    reason: os_message(&e),
+                })?;
+                SerialInput::Socket(clone.into())
+            }
+            _ => SerialInput::None,
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq(COM1_IRQ)?, sink)));
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            irq(KBD_IRQ)?,
+            irq(AUX_IRQ)?,
+            control.clone(),
+        )));
+        let boot_timer: SharedDevice = if config.boot_timer {
+            Arc::new(Mutex::new(BootTimer::new(start)))
+        } else {
+            Arc::new(Mutex::new(Sink))
+        };
+
+        let mut pio = Bus::new();
+        let bus_err = |e: crate::bus::BusError| Error::Io {
+            what: "building the I/O bus",
+            reason: e.to_string(),
+        };
+        pio.insert("serial", COM1_PORT, COM1_LEN, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert("i8042", I8042_PORT, I8042_LEN, i8042.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            "cmos",
+            CMOS_PORT,
+            CMOS_LEN,
+            Arc::new(Mutex::new(Cmos::default())),
+        )
+        .map_err(bus_err)?;
+        pio.insert("boot-timer", BOOT_TIMER_PORT, 1, boot_timer)
+            .map_err(bus_err)?;
+        pio.insert("post", POST_PORT, 1, Arc::new(Mutex::new(Sink)))
+            .map_err(bus_err)?;
+        Ok(Devices {
+            pio,
+            i8042,
+            serial,
+            serial_input,
+        })
+    }
+}
+
+/// Blocks SIGTERM/SIGINT/SIGHUP (so vCPU threads spawned afterwards inherit the mask)
+/// and reads them through a signalfd; restores the old mask when dropped.
+struct SignalGuard {
+    fd: OwnedFd,
+    old_mask: libc::sigset_t,
+}
+
+impl SignalGuard {
+    fn block_stop_signals() -> Result<Self> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers to sigset_t; signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask);
+        }
+        // SAFETY: valid sigset; -1 creates a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: restoring the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+            return Err(Error::Io {
+                what: "signalfd",
+                reason: os_message(&e),
+            });
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(SignalGuard { fd, old_mask })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The next pending signal number, if any.
+    fn read(&self) -> Option<u32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading into a buffer of the right size.
+        let n = unsafe {
+            libc::read(
+                self.fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n as usize == size).then_some(info.ssi_signo)
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        // Signals that arrived after we stopped listening are dropped, not delivered
+        // with their default action: drain the fd before unblocking.
+        while self.read().is_some() {}
+        // SAFETY: restoring the mask saved when blocking.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}
