@@ -57,6 +57,31 @@ impl Vm {
     /// `start` is when the VMM started; the boot timer reports relative to it.
     pub fn build(config: &VmConfig, start: Instant) -> Result<Vm> {
         config.validate()?;
+        // Input first: a bad kernel or initrd is reported the same with or without KVM.
+        let guest_memory = memory::allocate(config.memory)?;
+        let t = Instant::now();
+        let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(loader::load_initrd(&guest_memory, path, &kernel)?),
+            None => None,
+        };
+        let cmdline_len = loader::load_cmdline(&guest_memory, &config.cmdline, &kernel)?;
+        params::write_boot_params(
+            &guest_memory,
+            &kernel,
+            cmdline_len,
+            initrd,
+            &memory::e820_map(config.memory.bytes()),
+        )?;
+        mptable::write(&guest_memory, config.cpus)?;
+        regs::write_boot_tables(&guest_memory)?;
+        tracing::debug!(
+            "{:?} kernel loaded in {:?}, entry {:#x}",
+            kernel.format,
+            t.elapsed(),
+            kernel.entry.0
+        );
+
         let kvm = Kvm::new().map_err(|e| Error::KvmOpen(errno_message(&e)))?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -90,32 +115,8 @@ impl Vm {
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let t = Instant::now();
-        let guest_memory = memory::allocate(config.memory)?;
         register_memory(&vm_fd, &guest_memory)?;
-        tracing::debug!("guest memory mapped and registered in {:?}", t.elapsed());
-
-        let t = Instant::now();
-        let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(loader::load_initrd(&guest_memory, path, &kernel)?),
-            None => None,
-        };
-        let cmdline_len = loader::load_cmdline(&guest_memory, &config.cmdline, &kernel)?;
-        params::write_boot_params(
-            &guest_memory,
-            &kernel,
-            cmdline_len,
-            initrd,
-            &memory::e820_map(config.memory.bytes()),
-        )?;
-        mptable::write(&guest_memory, config.cpus)?;
-        regs::write_boot_tables(&guest_memory)?;
-        tracing::debug!(
-            "{:?} kernel loaded in {:?}, entry {:#x}",
-            kernel.format,
-            t.elapsed(),
-            kernel.entry.0
-        );
+        tracing::debug!("guest memory registered with KVM in {:?}", t.elapsed());
 
         let control = Arc::new(VmControl::new().map_err(|e| Error::Io {
             what: "creating the exit eventfd",

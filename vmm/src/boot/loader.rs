@@ -171,6 +171,7 @@ fn loader_message(e: &linux_loader::loader::Error, mem_size: u64) -> String {
         L::Elf(E::InvalidEntryAddress) => {
             "ELF entry point is below 1 MiB: link the kernel at 1 MiB or higher".into()
         }
+        L::Bzimage(B::Underflow) => "truncated bzImage (shorter than its setup sectors)".into(),
         L::Elf(inner) => format!("invalid ELF image: {}", strip_prefix(&inner.to_string())),
         L::Bzimage(inner) => format!("invalid bzImage: {}", strip_prefix(&inner.to_string())),
         L::InvalidKernelStartAddress => "bzImage wants to load below 1 MiB".into(),
