@@ -11,11 +11,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::Killable;
 
-use crate::boot::{self, layout, loader, mptable, params};
+use crate::boot::{self, acpi, layout, loader, mptable, params};
 use crate::bus::{Bus, SharedDevice, lock};
 use crate::config::{SerialOutput, VmConfig};
 use crate::control::{ExitReason, VmControl};
 use crate::cpu::{msr, regs, vcpu};
+use crate::devices::acpi_pm::{AcpiPm, PM_BASE, PM_LEN};
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::cmos::{CMOS_LEN, CMOS_PORT, Cmos};
 use crate::devices::i8042::{AUX_IRQ, I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
@@ -66,14 +67,18 @@ impl Vm {
             None => None,
         };
         let cmdline_len = loader::load_cmdline(&guest_memory, &config.cmdline, &kernel)?;
+        // Both CPU tables: the MP table for kernels without ACPI, ACPI for kernels
+        // without MP table parsing.
+        mptable::write(&guest_memory, config.cpus)?;
+        let rsdp = acpi::write(&guest_memory, config.cpus)?;
         params::write_boot_params(
             &guest_memory,
             &kernel,
             cmdline_len,
             initrd,
             &memory::e820_map(config.memory.bytes()),
+            Some(rsdp),
         )?;
-        mptable::write(&guest_memory, config.cpus)?;
         regs::write_boot_tables(&guest_memory)?;
         tracing::debug!(
             "{:?} kernel loaded in {:?}, entry {:#x}",
@@ -129,6 +134,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| crate::cpu::CpuError::SupportedCpuid(errno_message(&e)))?;
         let supported_msrs = msr::supported(&kvm)?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let vcpus = (0..config.cpus)
             .map(|id| {
                 vcpu::Vcpu::new(
@@ -136,6 +142,7 @@ impl Vm {
                     id,
                     config.cpus,
                     &supported_cpuid,
+                    tsc_deadline,
                     &supported_msrs,
                     (id == 0).then_some(kernel.entry.0),
                 )
@@ -410,6 +417,13 @@ impl Devices {
         .map_err(bus_err)?;
         pio.insert("boot-timer", BOOT_TIMER_PORT, 1, boot_timer)
             .map_err(bus_err)?;
+        pio.insert(
+            "acpi-pm",
+            u64::from(PM_BASE),
+            PM_LEN,
+            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
+        )
+        .map_err(bus_err)?;
         pio.insert("post", POST_PORT, 1, Arc::new(Mutex::new(Sink)))
             .map_err(bus_err)?;
         Ok(Devices {

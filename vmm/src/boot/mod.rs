@@ -1,6 +1,7 @@
 //! Direct Linux boot: where things go in guest memory, loading the kernel, initrd and
 //! command line, and the tables the kernel reads at entry (boot_params, e820, MP table).
 
+pub mod acpi;
 pub mod layout;
 pub mod loader;
 pub mod mptable;

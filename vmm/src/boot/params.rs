@@ -25,8 +25,12 @@ pub fn write_boot_params(
     cmdline_len: u32,
     initrd: Option<LoadedInitrd>,
     e820: &[E820Entry],
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let params = build_boot_params(kernel, cmdline_len, initrd, e820)?;
+    let mut params = build_boot_params(kernel, cmdline_len, initrd, e820)?;
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     LinuxBootConfigurator::write_bootparams(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
         mem,

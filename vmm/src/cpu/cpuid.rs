@@ -15,6 +15,11 @@ const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE: u32 = 4;
 const LEAF_EXT_FEATURES: u32 = 7;
 const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_XSAVE: u32 = 0xd;
+/// XCR0 bit of the PKRU state component (follows PKU).
+const XSTATE_PKRU: u32 = 9;
+/// Legacy FXSAVE area plus the XSAVE header.
+const XSAVE_BASE_SIZE: u32 = 576;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
@@ -22,6 +27,7 @@ const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const ECX7_PKU: u32 = 1 << 3;
 const ECX7_OSPKE: u32 = 1 << 4;
@@ -61,8 +67,29 @@ fn topology_entries(function: u32, apic_id: u8, cpus: u8) -> Vec<kvm_cpuid_entry
     ]
 }
 
+/// Size of an XSAVE area holding every user state component in `mask` (standard format:
+/// each component at its CPUID-given offset).
+fn xsave_max_size(supported: &CpuId, mask: u32) -> u32 {
+    supported
+        .as_slice()
+        .iter()
+        .filter(|e| e.function == LEAF_XSAVE && (2..32).contains(&e.index))
+        .filter(|e| mask & (1 << e.index) != 0)
+        .map(|e| e.ebx + e.eax)
+        .fold(XSAVE_BASE_SIZE, u32::max)
+}
+
 /// The CPUID table for vCPU `apic_id` of a `cpus`-vCPU VM.
-pub fn for_vcpu(supported: &CpuId, apic_id: u8, cpus: u8) -> Result<CpuId, CpuError> {
+///
+/// `tsc_deadline`: KVM's LAPIC emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER)
+/// but KVM_GET_SUPPORTED_CPUID does not report it; with it the guest skips LAPIC timer
+/// calibration.
+pub fn for_vcpu(
+    supported: &CpuId,
+    apic_id: u8,
+    cpus: u8,
+    tsc_deadline: bool,
+) -> Result<CpuId, CpuError> {
     let apic = u32::from(apic_id);
     let max_basic = supported
         .as_slice()
@@ -80,6 +107,9 @@ pub fn for_vcpu(supported: &CpuId, apic_id: u8, cpus: u8) -> Result<CpuId, CpuEr
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic << 24) | (u32::from(cpus) << 16);
                 e.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if cpus > 1 {
                     e.edx |= EDX_HTT;
                 }
@@ -98,6 +128,18 @@ pub fn for_vcpu(supported: &CpuId, apic_id: u8, cpus: u8) -> Result<CpuId, CpuEr
                 }
             }
             LEAF_EXT_FEATURES if e.index == 0 => e.ecx &= !(ECX7_PKU | ECX7_OSPKE),
+            // With PKU hidden, PKRU must leave the XSAVE feature mask and sizes too, or
+            // the guest's XSAVE size check fails.
+            LEAF_XSAVE if e.index == 0 => {
+                e.eax &= !(1 << XSTATE_PKRU);
+                e.ecx = xsave_max_size(supported, e.eax);
+            }
+            LEAF_XSAVE if e.index == XSTATE_PKRU => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
             // Rebuilt below from scratch for this VM's topology.
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
             LEAF_HYPERVISOR => {
@@ -196,12 +238,13 @@ mod tests {
 
     #[test]
     fn per_vcpu_ids_and_hypervisor_bits() {
-        let c = for_vcpu(&supported(), 3, 4).unwrap();
+        let c = for_vcpu(&supported(), 3, 4, true).unwrap();
         let l1 = find(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 3, "APIC ID");
         assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical processors");
         assert_eq!(l1.ebx & 0xffff, 0x0800, "low bits kept");
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
         assert_eq!(find(&c, 7, 0).ecx, 1, "PKU hidden, rest kept");
         let sig = find(&c, LEAF_HYPERVISOR, 0);

@@ -40,13 +40,14 @@ impl Vcpu {
         id: u8,
         cpus: u8,
         supported_cpuid: &CpuId,
+        tsc_deadline: bool,
         supported_msrs: &[u32],
         entry: Option<u64>,
     ) -> Result<Self, CpuError> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(CpuError::setup(id, "KVM_CREATE_VCPU"))?;
-        let table = cpuid::for_vcpu(supported_cpuid, id, cpus)?;
+        let table = cpuid::for_vcpu(supported_cpuid, id, cpus, tsc_deadline)?;
         fd.set_cpuid2(&table)
             .map_err(CpuError::setup(id, "KVM_SET_CPUID2"))?;
         msr::set_boot_msrs(&fd, id, supported_msrs)?;

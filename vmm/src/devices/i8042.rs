@@ -31,6 +31,8 @@ const OFFSET_COMMAND: u64 = 4;
 const STATUS_OBF: u8 = 0x01;
 const STATUS_SYS: u8 = 0x04;
 const STATUS_CMD: u8 = 0x08;
+/// Set = keyboard not inhibited by the key lock.
+const STATUS_UNLOCKED: u8 = 0x10;
 const STATUS_AUXDATA: u8 = 0x20;
 
 // Controller configuration byte ("command byte") bits.
@@ -126,7 +128,7 @@ impl I8042 {
     }
 
     fn status(&self) -> u8 {
-        let mut s = 0;
+        let mut s = STATUS_UNLOCKED;
         if let Some(&(_, aux)) = self.output.front() {
             s |= STATUS_OBF;
             if aux {

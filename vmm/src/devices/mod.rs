@@ -1,5 +1,6 @@
 //! Legacy platform devices on the port I/O bus. The PIC, PIT and IOAPIC live in KVM.
 
+pub mod acpi_pm;
 pub mod boot_timer;
 pub mod cmos;
 pub mod i8042;

@@ -1,0 +1,102 @@
+//! ACPI PM1a event and control registers (the FADT's PM1a_EVT_BLK / PM1a_CNT_BLK).
+//!
+//! Declaring a full (not hardware-reduced) ACPI platform keeps Linux's legacy interrupt
+//! setup (PIC, ISA IRQs 0-15 identity-mapped on the IOAPIC), which the 8250, i8042 and
+//! RTC drivers need to get their IRQs; such a platform must have these registers. The
+//! system is always in ACPI mode (SCI_EN reads 1, there is no SMI command port). A
+//! sleep request (SLP_EN) can only mean S5 here, as no other sleep state exists, so it
+//! powers the VM off.
+
+use std::sync::Arc;
+
+use crate::bus::BusDevice;
+use crate::control::{ExitReason, VmControl};
+
+/// Base I/O port: PM1a_EVT_BLK (status, enable) then PM1a_CNT_BLK.
+pub const PM_BASE: u16 = 0x600;
+pub const PM1_EVT_LEN: u8 = 4;
+pub const PM1_CNT_LEN: u8 = 2;
+pub const PM_LEN: u64 = (PM1_EVT_LEN + PM1_CNT_LEN) as u64;
+/// The SCI's ISA IRQ (never raised: no fixed or general-purpose events exist).
+pub const SCI_IRQ: u16 = 9;
+
+const OFFSET_ENABLE: u64 = 2;
+const OFFSET_CONTROL: u64 = 4;
+const SCI_EN: u16 = 1;
+const SLP_EN: u16 = 1 << 13;
+
+pub struct AcpiPm {
+    enable: u16,
+    control: u16,
+    vm: Arc<VmControl>,
+}
+
+impl AcpiPm {
+    pub fn new(vm: Arc<VmControl>) -> Self {
+        AcpiPm {
+            enable: 0,
+            control: SCI_EN,
+            vm,
+        }
+    }
+
+    fn register(&self, offset: u64) -> u16 {
+        match offset {
+            OFFSET_ENABLE => self.enable,
+            OFFSET_CONTROL => self.control | SCI_EN,
+            _ => 0, // status: no events ever pending
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Byte and word accesses at any offset: read the 16-bit registers as bytes.
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            let reg = self.register(at & !1);
+            *byte = reg.to_le_bytes()[(at & 1) as usize];
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &byte) in data.iter().enumerate() {
+            let at = offset + i as u64;
+            let shift = 8 * (at & 1) as u16;
+            let mask = !(0xffu16 << shift);
+            let value = u16::from(byte) << shift;
+            match at & !1 {
+                OFFSET_ENABLE => self.enable = (self.enable & mask) | value,
+                OFFSET_CONTROL => {
+                    self.control = (self.control & mask) | value;
+                    if self.control & SLP_EN != 0 {
+                        self.control &= !SLP_EN;
+                        tracing::debug!("ACPI sleep request: powering off");
+                        self.vm.request_exit(ExitReason::PowerOff);
+                    }
+                }
+                _ => {} // status is write-one-to-clear; nothing is ever set
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sci_enabled_and_sleep_powers_off() {
+        let vm = Arc::new(VmControl::new().unwrap());
+        let mut pm = AcpiPm::new(vm.clone());
+        let mut word = [0u8; 2];
+        pm.read(OFFSET_CONTROL, &mut word);
+        assert_eq!(u16::from_le_bytes(word) & SCI_EN, SCI_EN);
+        pm.write(OFFSET_ENABLE, &0x0120u16.to_le_bytes());
+        pm.read(OFFSET_ENABLE, &mut word);
+        assert_eq!(u16::from_le_bytes(word), 0x0120);
+        assert!(!vm.is_stopping());
+        pm.write(OFFSET_CONTROL, &(SLP_EN | (5 << 10)).to_le_bytes());
+        assert_eq!(vm.reason(), Some(ExitReason::PowerOff));
+    }
+}
