@@ -1,1 +1,105 @@
-//! config
+//! keel.yaml, the appliance's declarative config: schema, reading and validation.
+//!
+//! Reading happens in three steps, each reporting every problem it finds with
+//! its position: YAML syntax (`yaml`), structure and types (`decode`, driven by
+//! the types in `schema`), and meaning (`validate`). Nothing acts on a file that
+//! has an error; warnings do not block.
+//!
+//! ```
+//! let text = "version: 1\nguests:\n  - name: web\n    memory: 256MiB\n";
+//! let loaded = keel_init::config::parse_str(text).expect("valid");
+//! assert_eq!(loaded.config.guests[0].memory.to_string(), "256MiB");
+//! assert_eq!(loaded.warnings.warnings().count(), 1); // the guest has no NIC
+//! ```
+
+pub(crate) mod decode;
+mod diag;
+mod schema;
+mod units;
+mod validate;
+pub mod yaml;
+
+use std::path::{Path, PathBuf};
+
+pub use decode::Spanned;
+pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use schema::*;
+pub use units::{ByteSize, Duration, Ipv4Cidr, Ipv4Range, MacAddr};
+pub use validate::{MAX_GUEST_MEMORY, MAX_VCPUS, MIN_GUEST_MEMORY, parse_public_key};
+
+use decode::Decode;
+
+/// A config that passed validation, with its warnings.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Diagnostics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file has errors; `diagnostics` holds all of them (and any warnings).
+    #[error("{}", diagnostics.render(&path.display().to_string()).trim_end())]
+    Invalid { path: PathBuf, diagnostics: Diagnostics },
+}
+
+impl LoadError {
+    pub fn diagnostics(&self) -> Option<&Diagnostics> {
+        match self {
+            LoadError::Invalid { diagnostics, .. } => Some(diagnostics),
+            LoadError::Io { .. } => None,
+        }
+    }
+}
+
+/// Reads and validates config text. `Err` holds every diagnostic when there is
+/// at least one error.
+pub fn parse_str(text: &str) -> Result<Loaded, Diagnostics> {
+    let mut d = Diagnostics::default();
+    let node = match yaml::parse(text) {
+        Ok(node) => node,
+        Err(e) => {
+            d.error(e.pos, format!("YAML syntax: {}", e.message));
+            return Err(d);
+        }
+    };
+    let config = Config::decode(&node, &mut d);
+    match config {
+        Some(config) => {
+            validate::check(&config, &mut d);
+            if d.has_errors() {
+                Err(d)
+            } else {
+                Ok(Loaded { config, warnings: d })
+            }
+        }
+        None => Err(d),
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Loaded, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_str(&text).map_err(|diagnostics| LoadError::Invalid {
+        path: path.to_owned(),
+        diagnostics,
+    })
+}
+
+/// The JSON Schema of keel.yaml (draft 2020-12), for editors and `keel-image schema`.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(Config);
+    serde_json::to_value(schema).unwrap_or_default()
+}
+
+impl Config {
+    /// The config as YAML, the way an operator would write it (defaults included).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
