@@ -32,11 +32,7 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let ready_then_reset = write_file(
-        dir.path(),
-        "reset.elf",
-        &elf_kernel(&hello_guest(b""), LOAD_ADDR, 0),
-    );
+    let ready_then_reset = write_file(dir.path(), "reset.elf", &elf_kernel(&hello_guest(b""), LOAD_ADDR, 0));
     let ready_then_halt = {
         let mut a = asm64();
         boot_timer(&mut a);
@@ -207,11 +203,7 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     let mut in_guest = false;
     for l in smaps.lines() {
         if let Some(v) = l.strip_prefix("Size:") {
-            let kib: u64 = v
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let kib: u64 = v.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
             in_guest = kib == MEMORY_MIB * 1024;
         } else if in_guest && let Some(v) = l.strip_prefix("Rss:") {
             guest += v
@@ -227,13 +219,9 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 
 /// The VMM's own debug log says how long KVM_SET_USER_MEMORY_REGION took.
 fn memory_registration_ms(kernel: &str) -> Option<f64> {
-    let out = start(kernel, &[("RUST_LOG", "debug")])
-        .wait_with_output()
-        .ok()?;
+    let out = start(kernel, &[("RUST_LOG", "debug")]).wait_with_output().ok()?;
     let text = String::from_utf8_lossy(&out.stderr);
-    let line = text
-        .lines()
-        .find(|l| l.contains("registered with KVM in"))?;
+    let line = text.lines().find(|l| l.contains("registered with KVM in"))?;
     let dur = line.rsplit("in ").next()?.trim();
     parse_debug_duration(dur)
 }

@@ -55,13 +55,7 @@ impl Bus {
     }
 
     /// Routes `[base, base + len)` to `device`; `name` appears in overlap errors and logs.
-    pub fn insert(
-        &mut self,
-        name: &str,
-        base: u64,
-        len: u64,
-        device: SharedDevice,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, name: &str, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         if len == 0 || base.checked_add(len).is_none() {
             return Err(BusError::BadRange {
                 name: name.into(),
@@ -174,20 +168,14 @@ mod tests {
         let d = || -> SharedDevice { Arc::new(Mutex::new(Recorder::default())) };
         let mut bus = Bus::new();
         bus.insert("x", 0x1000, 0x1000, d()).unwrap();
-        assert!(matches!(
-            bus.insert("y", 0x1fff, 1, d()),
-            Err(BusError::Overlap { .. })
-        ));
+        assert!(matches!(bus.insert("y", 0x1fff, 1, d()), Err(BusError::Overlap { .. })));
         assert!(matches!(
             bus.insert("y", 0x800, 0x801, d()),
             Err(BusError::Overlap { .. })
         ));
         bus.insert("y", 0x2000, 0x1000, d()).unwrap();
         bus.insert("z", 0x0, 0x1000, d()).unwrap();
-        assert!(matches!(
-            bus.insert("w", 5, 0, d()),
-            Err(BusError::BadRange { .. })
-        ));
+        assert!(matches!(bus.insert("w", 5, 0, d()), Err(BusError::BadRange { .. })));
         assert!(matches!(
             bus.insert("w", u64::MAX, 2, d()),
             Err(BusError::BadRange { .. })

@@ -385,11 +385,6 @@ mod tests {
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.starts_with("initrd ") && msg.ends_with("No such file or directory"));
         c.initrd = Some(dir.path().to_path_buf());
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .ends_with("not a regular file")
-        );
+        assert!(c.validate().unwrap_err().to_string().ends_with("not a regular file"));
     }
 }

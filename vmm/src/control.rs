@@ -104,10 +104,7 @@ mod tests {
     fn first_reason_wins_and_fd_fires() {
         let c = VmControl::new().unwrap();
         assert!(!c.is_stopping());
-        assert!(
-            c.exit_evt().read().is_err(),
-            "not readable before a request"
-        );
+        assert!(c.exit_evt().read().is_err(), "not readable before a request");
         c.request_exit(ExitReason::Reboot);
         c.request_exit(ExitReason::PowerOff);
         assert!(c.is_stopping());

@@ -73,13 +73,11 @@ struct Cli {
 }
 
 fn parse_memory(s: &str) -> Result<MemorySize, String> {
-    s.parse()
-        .map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
-    s.parse()
-        .map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
 }
 
 impl Cli {

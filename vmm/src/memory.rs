@@ -55,10 +55,7 @@ pub enum MemoryError {
 /// above 4 GiB for whatever does not fit below it.
 pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     if size <= MMIO_GAP_START {
-        vec![RamRange {
-            start: 0,
-            len: size,
-        }]
+        vec![RamRange { start: 0, len: size }]
     } else {
         vec![
             RamRange {
@@ -154,11 +151,7 @@ mod tests {
         assert_eq!(ranges[1].start, 1 << 32);
         assert_eq!(ranges[0].len + ranges[1].len, size);
         let map = e820_map(size);
-        let ram: u64 = map
-            .iter()
-            .filter(|e| e.kind == E820Kind::Ram)
-            .map(|e| e.size)
-            .sum();
+        let ram: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
         assert_eq!(ram, size - (HIMEM_START - EBDA_START));
         assert!(
             map.iter()

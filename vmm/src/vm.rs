@@ -109,9 +109,7 @@ impl Vm {
         vm_fd
             .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
@@ -197,9 +195,8 @@ impl Vm {
             }
         }
         if let Some(reason) = spawn_error {
-            self.control.request_exit(ExitReason::Error(format!(
-                "cannot start a vCPU thread: {reason}"
-            )));
+            self.control
+                .request_exit(ExitReason::Error(format!("cannot start a vCPU thread: {reason}")));
         }
 
         let stop_requested = self.wait_for_exit(&signals);
@@ -264,10 +261,8 @@ impl Vm {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                self.control.request_exit(ExitReason::Error(format!(
-                    "waiting for the VM: {}",
-                    os_message(&e)
-                )));
+                self.control
+                    .request_exit(ExitReason::Error(format!("waiting for the VM: {}", os_message(&e))));
                 return deadline.is_some();
             }
             if fds[0].revents != 0 || self.control.is_stopping() {
@@ -281,10 +276,7 @@ impl Vm {
                     self.control.request_exit(ExitReason::Killed);
                     return true;
                 }
-                tracing::info!(
-                    "signal {signo}: sending Ctrl-Alt-Del, stopping hard in {:?}",
-                    grace
-                );
+                tracing::info!("signal {signo}: sending Ctrl-Alt-Del, stopping hard in {:?}", grace);
                 lock(&self.i8042).inject_ctrl_alt_del();
                 deadline = Some(Instant::now() + grace);
             }
@@ -298,10 +290,7 @@ impl Vm {
         }
     }
 
-    fn start_serial_input(
-        &self,
-        stop: &EventFd,
-    ) -> Result<(Option<JoinHandle<()>>, Option<RawTerminal>)> {
+    fn start_serial_input(&self, stop: &EventFd) -> Result<(Option<JoinHandle<()>>, Option<RawTerminal>)> {
         let (fd, is_tty): (RawFd, bool) = match &self.serial_input {
             SerialInput::None => return Ok((None, None)),
             SerialInput::Stdin => (libc::STDIN_FILENO, true),
@@ -320,11 +309,12 @@ impl Vm {
             reason: os_message(&e),
         })?;
         let handle =
-            serial::spawn_input_thread(fd, is_tty, stop, self.serial.clone(), self.control.clone())
-                .map_err(|e| Error::Io {
+            serial::spawn_input_thread(fd, is_tty, stop, self.serial.clone(), self.control.clone()).map_err(|e| {
+                Error::Io {
                     what: "starting the serial input thread",
                     reason: os_message(&e),
-                })?;
+                }
+            })?;
         Ok((Some(handle), raw))
     }
 }
@@ -341,8 +331,7 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<()> {
         };
         // SAFETY: the mapping is valid for `len` bytes and lives in `Vm` until after
         // the VM fd (which holds the slot) is dropped.
-        unsafe { vm_fd.set_user_memory_region(region_desc) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm_fd.set_user_memory_region(region_desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -356,12 +345,7 @@ struct Devices {
 }
 
 impl Devices {
-    fn create(
-        config: &VmConfig,
-        start: Instant,
-        vm_fd: &VmFd,
-        control: &Arc<VmControl>,
-    ) -> Result<Self> {
+    fn create(config: &VmConfig, start: Instant, vm_fd: &VmFd, control: &Arc<VmControl>) -> Result<Self> {
         let irq = |gsi: u32| -> Result<IrqLine> {
             let line = IrqLine::new(gsi).map_err(|e| Error::Io {
                 what: "creating an interrupt eventfd",
@@ -375,9 +359,7 @@ impl Devices {
 
         let sink = serial::open_sink(&config.serial)?;
         let serial_input = match (&config.serial, &sink) {
-            (SerialOutput::Stdio, _) if serial::is_terminal(libc::STDIN_FILENO) => {
-                SerialInput::Stdin
-            }
+            (SerialOutput::Stdio, _) if serial::is_terminal(libc::STDIN_FILENO) => SerialInput::Stdin,
             (SerialOutput::Unix(_), serial::SerialSink::Unix(stream)) => {
                 let clone = stream.try_clone().map_err(|e| Error::Serial {
                     target: config.serial.to_string(),
@@ -388,11 +370,7 @@ impl Devices {
             _ => SerialInput::None,
         };
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq(COM1_IRQ)?, sink)));
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            irq(KBD_IRQ)?,
-            irq(AUX_IRQ)?,
-            control.clone(),
-        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(irq(KBD_IRQ)?, irq(AUX_IRQ)?, control.clone())));
         let boot_timer: SharedDevice = if config.boot_timer {
             Arc::new(Mutex::new(BootTimer::new(start)))
         } else {
@@ -408,13 +386,8 @@ impl Devices {
             .map_err(bus_err)?;
         pio.insert("i8042", I8042_PORT, I8042_LEN, i8042.clone())
             .map_err(bus_err)?;
-        pio.insert(
-            "cmos",
-            CMOS_PORT,
-            CMOS_LEN,
-            Arc::new(Mutex::new(Cmos::default())),
-        )
-        .map_err(bus_err)?;
+        pio.insert("cmos", CMOS_PORT, CMOS_LEN, Arc::new(Mutex::new(Cmos::default())))
+            .map_err(bus_err)?;
         pio.insert("boot-timer", BOOT_TIMER_PORT, 1, boot_timer)
             .map_err(bus_err)?;
         pio.insert(
@@ -482,13 +455,7 @@ impl SignalGuard {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading into a buffer of the right size.
-        let n = unsafe {
-            libc::read(
-                self.fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
+        let n = unsafe { libc::read(self.fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
         (n as usize == size).then_some(info.ssi_signo)
     }
 }

@@ -13,37 +13,20 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn expect_error(args: &[&str], expected: &[&str]) {
     let run = run_vmm(args, TIMEOUT);
     let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(
-        run.code(),
-        Some(1),
-        "args {args:?}: stderr {:?}",
-        run.stderr
-    );
+    assert_eq!(run.code(), Some(1), "args {args:?}: stderr {:?}", run.stderr);
     assert_eq!(lines.len(), 1, "one line for {args:?}: {:?}", run.stderr);
     assert!(lines[0].starts_with("keel-vmm: error: "), "{:?}", lines[0]);
     for fragment in expected {
-        assert!(
-            lines[0].contains(fragment),
-            "{:?} lacks {fragment:?}",
-            lines[0]
-        );
+        assert!(lines[0].contains(fragment), "{:?} lacks {fragment:?}", lines[0]);
     }
     assert!(!run.stderr.contains("panicked"));
-    assert!(
-        run.stdout.is_empty(),
-        "no guest output: {:?}",
-        run.stdout_text()
-    );
+    assert!(run.stdout.is_empty(), "no guest output: {:?}", run.stdout_text());
 }
 
 fn good_elf(dir: &std::path::Path) -> String {
-    write_file(
-        dir,
-        "vmlinux",
-        &elf_kernel(&hello_guest(b"hi"), LOAD_ADDR, 0),
-    )
-    .to_string_lossy()
-    .into_owned()
+    write_file(dir, "vmlinux", &elf_kernel(&hello_guest(b"hi"), LOAD_ADDR, 0))
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -70,10 +53,7 @@ fn garbage_and_empty_kernels() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let path = write_file(dir.path(), "garbage", &garbage);
-    expect_error(
-        &["--kernel", path.to_str().unwrap()],
-        &["garbage", "not a kernel"],
-    );
+    expect_error(&["--kernel", path.to_str().unwrap()], &["garbage", "not a kernel"]);
     let empty = write_file(dir.path(), "empty", b"");
     expect_error(&["--kernel", empty.to_str().unwrap()], &["file is empty"]);
 }
@@ -83,10 +63,7 @@ fn truncated_elf_kernels() {
     let dir = tempfile::tempdir().unwrap();
     let full = elf_kernel(&hello_guest(b"hi"), LOAD_ADDR, 0);
     let header_only = write_file(dir.path(), "head", &full[..40]);
-    expect_error(
-        &["--kernel", header_only.to_str().unwrap()],
-        &["invalid ELF image"],
-    );
+    expect_error(&["--kernel", header_only.to_str().unwrap()], &["invalid ELF image"]);
     let no_segment = write_file(dir.path(), "noseg", &full[..0x1000 + 4]);
     expect_error(&["--kernel", no_segment.to_str().unwrap()], &["truncated"]);
 }
@@ -96,17 +73,11 @@ fn bad_bzimages() {
     let dir = tempfile::tempdir().unwrap();
     let pm = vec![0xf4u8; 0x400];
     let old = write_file(dir.path(), "old", &bzimage(&pm, 0x0205, 1));
-    expect_error(
-        &["--kernel", old.to_str().unwrap()],
-        &["boot protocol 2.05 is too old"],
-    );
+    expect_error(&["--kernel", old.to_str().unwrap()], &["boot protocol 2.05 is too old"]);
     let no64 = write_file(dir.path(), "no64", &bzimage(&pm, 0x020f, 0));
     expect_error(&["--kernel", no64.to_str().unwrap()], &["no 64-bit entry"]);
     let truncated = write_file(dir.path(), "trunc", &bzimage(&pm, 0x020f, 1)[..0x300]);
-    expect_error(
-        &["--kernel", truncated.to_str().unwrap()],
-        &["truncated bzImage"],
-    );
+    expect_error(&["--kernel", truncated.to_str().unwrap()], &["truncated bzImage"]);
 }
 
 #[test]
@@ -157,10 +128,7 @@ fn vcpu_count_out_of_range() {
         &["--kernel", &kernel, "--cpus", "0"],
         &["cpus 0 is out of range: use 1 to 32"],
     );
-    expect_error(
-        &["--kernel", &kernel, "--cpus", "33"],
-        &["cpus 33 is out of range"],
-    );
+    expect_error(&["--kernel", &kernel, "--cpus", "33"], &["cpus 33 is out of range"]);
 }
 
 #[test]

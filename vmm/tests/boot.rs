@@ -21,22 +21,9 @@ fn elf_guest_prints_and_reset_exits_with_reboot_code() {
         "vmlinux",
         &elf_kernel(&hello_guest(b"hello from elf\n"), LOAD_ADDR, 0),
     );
-    let run = run_vmm(
-        &["--kernel", kernel.to_str().unwrap(), "--memory", "32MiB"],
-        TIMEOUT,
-    );
-    assert_eq!(
-        run.stdout_text(),
-        "hello from elf\n",
-        "stderr: {}",
-        run.stderr
-    );
-    assert_eq!(
-        run.code(),
-        Some(3),
-        "reboot exit code; stderr: {}",
-        run.stderr
-    );
+    let run = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--memory", "32MiB"], TIMEOUT);
+    assert_eq!(run.stdout_text(), "hello from elf\n", "stderr: {}", run.stderr);
+    assert_eq!(run.code(), Some(3), "reboot exit code; stderr: {}", run.stderr);
     assert!(
         !run.stderr.contains("boot-timer"),
         "boot timer is off without --boot-timer: {}",
@@ -50,11 +37,7 @@ fn boot_timer_line_is_logged() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_file(
-        dir.path(),
-        "vmlinux",
-        &elf_kernel(&hello_guest(b"x"), LOAD_ADDR, 0),
-    );
+    let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&hello_guest(b"x"), LOAD_ADDR, 0));
     let run = run_vmm(
         &[
             "--kernel",
@@ -110,11 +93,7 @@ fn bzimage_guest_sees_cmdline_and_initrd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_file(
-        dir.path(),
-        "bzImage",
-        &bzimage(&boot_params_echo_guest(), 0x020f, 1),
-    );
+    let kernel = write_file(dir.path(), "bzImage", &bzimage(&boot_params_echo_guest(), 0x020f, 1));
     let initrd = write_file(dir.path(), "initrd", b"INITRD-CONTENTS");
     let run = run_vmm(
         &[
@@ -158,10 +137,7 @@ fn elf_guest_with_config_file_and_file_serial() {
     let config_path = write_file(dir.path(), "vm.json", config.to_string().as_bytes());
     let run = run_vmm(&["--config", config_path.to_str().unwrap()], TIMEOUT);
     assert_eq!(run.code(), Some(3), "stderr: {}", run.stderr);
-    assert!(
-        run.stdout.is_empty(),
-        "console went to the file, not stdout"
-    );
+    assert!(run.stdout.is_empty(), "console went to the file, not stdout");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "to a file\n");
 }
 
@@ -171,11 +147,7 @@ fn guest_larger_than_3gib_boots_across_the_mmio_gap() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_file(
-        dir.path(),
-        "vmlinux",
-        &elf_kernel(&hello_guest(b"big\n"), LOAD_ADDR, 0),
-    );
+    let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&hello_guest(b"big\n"), LOAD_ADDR, 0));
     let initrd = write_file(dir.path(), "initrd", b"I");
     let run = run_vmm(
         &[

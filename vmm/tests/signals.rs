@@ -45,11 +45,7 @@ fn deaf_guest() -> Vec<u8> {
 
 /// Starts keel-vmm on `image`, waits for the guest's "R", then sends `signals`
 /// SIGTERMs. Returns (exit code, stdout after "R", time from first signal to exit).
-fn run_and_signal(
-    image: &[u8],
-    extra: &[&str],
-    signals: usize,
-) -> (Option<i32>, Vec<u8>, Duration, String) {
+fn run_and_signal(image: &[u8], extra: &[&str], signals: usize) -> (Option<i32>, Vec<u8>, Duration, String) {
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(image, LOAD_ADDR, 0));
     let mut child = Command::new(vmm_bin())
@@ -99,14 +95,8 @@ fn run_and_signal(
     };
     let elapsed = signalled.elapsed();
     let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let rest: Vec<u8> =
-        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(500)).ok()).collect();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let rest: Vec<u8> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(500)).ok()).collect();
     (status.code(), rest, elapsed, stderr)
 }
 
@@ -116,10 +106,7 @@ fn sigterm_types_ctrl_alt_del_and_guest_stop_exits_zero() {
         return;
     }
     let (code, rest, _, stderr) = run_and_signal(&keyboard_echo_guest(), &[], 1);
-    assert_eq!(
-        rest, CTRL_ALT_DEL,
-        "guest read Ctrl-Alt-Del; stderr: {stderr}"
-    );
+    assert_eq!(rest, CTRL_ALT_DEL, "guest read Ctrl-Alt-Del; stderr: {stderr}");
     assert_eq!(
         code,
         Some(0),
@@ -132,8 +119,7 @@ fn guest_ignoring_sigterm_is_stopped_after_grace_period() {
     if !require_kvm() {
         return;
     }
-    let (code, _, elapsed, stderr) =
-        run_and_signal(&deaf_guest(), &["--shutdown-timeout", "0.3"], 1);
+    let (code, _, elapsed, stderr) = run_and_signal(&deaf_guest(), &["--shutdown-timeout", "0.3"], 1);
     assert_eq!(code, Some(4), "hard stop code; stderr: {stderr}");
     assert!(
         elapsed >= Duration::from_millis(300),
@@ -147,8 +133,7 @@ fn second_sigterm_stops_hard_at_once() {
     if !require_kvm() {
         return;
     }
-    let (code, _, elapsed, stderr) =
-        run_and_signal(&deaf_guest(), &["--shutdown-timeout", "60"], 2);
+    let (code, _, elapsed, stderr) = run_and_signal(&deaf_guest(), &["--shutdown-timeout", "60"], 2);
     assert_eq!(code, Some(4), "stderr: {stderr}");
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
 }

@@ -85,29 +85,13 @@ fn four_vcpus_each_report_their_apic_id() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_file(
-        dir.path(),
-        "vmlinux",
-        &elf_kernel(&smp_guest(3), LOAD_ADDR, 0),
-    );
+    let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&smp_guest(3), LOAD_ADDR, 0));
     let run = run_vmm(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cpus",
-            "4",
-            "--memory",
-            "64MiB",
-        ],
+        &["--kernel", kernel.to_str().unwrap(), "--cpus", "4", "--memory", "64MiB"],
         Duration::from_secs(60),
     );
     let out = run.stdout_text();
-    assert_eq!(
-        run.code(),
-        Some(3),
-        "stdout: {out:?} stderr: {}",
-        run.stderr
-    );
+    assert_eq!(run.code(), Some(3), "stdout: {out:?} stderr: {}", run.stderr);
     let inner = out
         .strip_prefix("[0")
         .and_then(|s| s.strip_suffix("]\n"))

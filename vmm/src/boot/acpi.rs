@@ -74,9 +74,7 @@ fn table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
 }
 
 fn checksum(data: &[u8]) -> u8 {
-    data.iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
+    data.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
 fn dsdt() -> Vec<u8> {
@@ -126,10 +124,7 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         109,
         &(IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED).to_le_bytes(),
     );
-    put(
-        112,
-        &(FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON).to_le_bytes(),
-    );
+    put(112, &(FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON).to_le_bytes());
     put(131, &[0]); // FADT minor version
     put(140, &dsdt_addr.to_le_bytes()); // X_DSDT
     put(268, b"KEELVMM\0"); // hypervisor vendor identity
@@ -248,10 +243,7 @@ mod tests {
         assert_eq!(&xsdt[..4], b"XSDT");
         let xsdt = &xsdt[..u32_at(xsdt, 4) as usize];
         assert_eq!(sum(xsdt), 0);
-        let entries: Vec<u64> = (HEADER_LEN..xsdt.len())
-            .step_by(8)
-            .map(|o| u64_at(xsdt, o))
-            .collect();
+        let entries: Vec<u64> = (HEADER_LEN..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
         let mut signatures = Vec::new();
         for addr in entries {
             let t = at(addr);

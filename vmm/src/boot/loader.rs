@@ -84,8 +84,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         return Err(err("file is empty".into()));
     } else {
         return Err(err(
-            "not a kernel: neither an ELF vmlinux nor a bzImage (no ELF magic, no HdrS setup header)"
-                .into(),
+            "not a kernel: neither an ELF vmlinux nor a bzImage (no ELF magic, no HdrS setup header)".into(),
         ));
     };
 
@@ -117,9 +116,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             }
             let xloadflags = hdr.xloadflags;
             if xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(err(
-                    "bzImage has no 64-bit entry point (xloadflags bit 0 clear)".into(),
-                ));
+                return Err(err("bzImage has no 64-bit entry point (xloadflags bit 0 clear)".into()));
             }
             // The kernel decompresses itself in place and needs init_size bytes there.
             let init_end = loaded.kernel_load.0 + u64::from(hdr.init_size);
@@ -168,9 +165,7 @@ fn loader_message(e: &linux_loader::loader::Error, mem_size: u64) -> String {
         L::Elf(E::ReadProgramHeader) | L::Elf(E::SeekKernelStart) => {
             "truncated ELF file (program headers or segments missing)".into()
         }
-        L::Elf(E::InvalidEntryAddress) => {
-            "ELF entry point is below 1 MiB: link the kernel at 1 MiB or higher".into()
-        }
+        L::Elf(E::InvalidEntryAddress) => "ELF entry point is below 1 MiB: link the kernel at 1 MiB or higher".into(),
         L::Bzimage(B::Underflow) => "truncated bzImage (shorter than its setup sectors)".into(),
         L::Elf(inner) => format!("invalid ELF image: {}", strip_prefix(&inner.to_string())),
         L::Bzimage(inner) => format!("invalid bzImage: {}", strip_prefix(&inner.to_string())),
@@ -199,11 +194,7 @@ pub fn initrd_placement(size: u64, kernel_end: u64, addr_max: u64, mem_size: u64
     (addr >= floor).then_some(addr)
 }
 
-pub fn load_initrd(
-    mem: &GuestMemory,
-    path: &Path,
-    kernel: &LoadedKernel,
-) -> Result<LoadedInitrd, BootError> {
+pub fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &LoadedKernel) -> Result<LoadedInitrd, BootError> {
     let err = |reason: String| BootError::Initrd {
         path: path.to_path_buf(),
         reason,
@@ -211,25 +202,20 @@ pub fn load_initrd(
     let mut file = File::open(path).map_err(|e| err(os_message(&e)))?;
     let size = file.metadata().map_err(|e| err(os_message(&e)))?.len();
     let mem_size = crate::memory::total_size(mem);
-    let addr = initrd_placement(size, kernel.end, kernel.initrd_addr_max(), mem_size)
-        .ok_or_else(|| {
-            err(format!(
-                "{} bytes do not fit in guest memory ({}) next to the kernel: give the guest more memory",
-                size,
-                crate::config::MemorySize(mem_size)
-            ))
-        })?;
+    let addr = initrd_placement(size, kernel.end, kernel.initrd_addr_max(), mem_size).ok_or_else(|| {
+        err(format!(
+            "{} bytes do not fit in guest memory ({}) next to the kernel: give the guest more memory",
+            size,
+            crate::config::MemorySize(mem_size)
+        ))
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| err(format!("cannot read: {e}")))?;
     Ok(LoadedInitrd { addr, size })
 }
 
 /// Validates the command line against the kernel's limit and writes it to guest memory.
-pub fn load_cmdline(
-    mem: &GuestMemory,
-    cmdline: &str,
-    kernel: &LoadedKernel,
-) -> Result<u32, BootError> {
+pub fn load_cmdline(mem: &GuestMemory, cmdline: &str, kernel: &LoadedKernel) -> Result<u32, BootError> {
     let max = kernel.cmdline_max();
     if cmdline.len() > max {
         return Err(BootError::Cmdline(format!(
@@ -237,8 +223,7 @@ pub fn load_cmdline(
             cmdline.len()
         )));
     }
-    let cl = Cmdline::try_from(cmdline, max + 1)
-        .map_err(|e| BootError::Cmdline(format!("invalid: {e}")))?;
+    let cl = Cmdline::try_from(cmdline, max + 1).map_err(|e| BootError::Cmdline(format!("invalid: {e}")))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
         .map_err(|_| BootError::GuestWrite("the command line"))?;
     // Make sure the terminating NUL is there even for an empty line.
@@ -266,9 +251,6 @@ mod tests {
         let addr = initrd_placement(1 << 20, 16 << 20, 0x37ff_ffff, mem).unwrap();
         assert!(addr + (1 << 20) <= 0x3800_0000);
         assert_eq!(initrd_placement(mem, 16 << 20, u64::MAX, mem), None);
-        assert_eq!(
-            initrd_placement((120 << 20) + 1, 8 << 20, u64::MAX, 128 << 20),
-            None
-        );
+        assert_eq!(initrd_placement((120 << 20) + 1, 8 << 20, u64::MAX, 128 << 20), None);
     }
 }

@@ -112,9 +112,7 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
 
 /// The byte that makes all bytes of `data` sum to zero.
 fn checksum(data: &[u8]) -> u8 {
-    data.iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
+    data.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Writes the MP table for `cpus` vCPUs into guest memory.

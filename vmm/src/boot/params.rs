@@ -31,11 +31,8 @@ pub fn write_boot_params(
     if let Some(rsdp) = acpi_rsdp {
         params.acpi_rsdp_addr = rsdp;
     }
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
-        mem,
-    )
-    .map_err(|_| BootError::GuestWrite("boot_params"))
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)), mem)
+        .map_err(|_| BootError::GuestWrite("boot_params"))
 }
 
 pub fn build_boot_params(
@@ -95,12 +92,7 @@ mod tests {
         };
         let map = e820_map(128 << 20);
         let p = build_boot_params(&kernel, 42, Some(initrd), &map).unwrap();
-        let (flag, magic, ptr, size) = (
-            p.hdr.boot_flag,
-            p.hdr.header,
-            p.hdr.cmd_line_ptr,
-            p.hdr.cmdline_size,
-        );
+        let (flag, magic, ptr, size) = (p.hdr.boot_flag, p.hdr.header, p.hdr.cmd_line_ptr, p.hdr.cmdline_size);
         assert_eq!((flag, magic), (0xaa55, 0x5372_6448));
         assert_eq!((ptr, size), (CMDLINE_ADDR as u32, 42));
         let (img, len) = (p.hdr.ramdisk_image, p.hdr.ramdisk_size);

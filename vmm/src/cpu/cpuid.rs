@@ -39,10 +39,7 @@ const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
 /// Bits needed to number `n` items (0 for 1).
 fn id_bits(n: u8) -> u32 {
-    (u32::from(n).max(1) - 1)
-        .checked_ilog2()
-        .map(|l| l + 1)
-        .unwrap_or(0)
+    (u32::from(n).max(1) - 1).checked_ilog2().map(|l| l + 1).unwrap_or(0)
 }
 
 fn topology_entries(function: u32, apic_id: u8, cpus: u8) -> Vec<kvm_cpuid_entry2> {
@@ -84,12 +81,7 @@ fn xsave_max_size(supported: &CpuId, mask: u32) -> u32 {
 /// `tsc_deadline`: KVM's LAPIC emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER)
 /// but KVM_GET_SUPPORTED_CPUID does not report it; with it the guest skips LAPIC timer
 /// calibration.
-pub fn for_vcpu(
-    supported: &CpuId,
-    apic_id: u8,
-    cpus: u8,
-    tsc_deadline: bool,
-) -> Result<CpuId, CpuError> {
+pub fn for_vcpu(supported: &CpuId, apic_id: u8, cpus: u8, tsc_deadline: bool) -> Result<CpuId, CpuError> {
     let apic = u32::from(apic_id);
     let max_basic = supported
         .as_slice()
@@ -164,12 +156,7 @@ pub fn for_vcpu(
     if max_basic >= LEAF_TOPOLOGY {
         out.extend(topology_entries(LEAF_TOPOLOGY, apic_id, cpus));
     }
-    if max_basic >= LEAF_TOPOLOGY_V2
-        && supported
-            .as_slice()
-            .iter()
-            .any(|e| e.function == LEAF_TOPOLOGY_V2)
-    {
+    if max_basic >= LEAF_TOPOLOGY_V2 && supported.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY_V2) {
         out.extend(topology_entries(LEAF_TOPOLOGY_V2, apic_id, cpus));
     }
     if !has_hypervisor_leaf {

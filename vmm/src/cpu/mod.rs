@@ -9,11 +9,7 @@ pub mod vcpu;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     #[error("vCPU {id}: {what}: {reason}")]
-    Setup {
-        id: u8,
-        what: &'static str,
-        reason: String,
-    },
+    Setup { id: u8, what: &'static str, reason: String },
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     SupportedCpuid(String),
     #[error("KVM_GET_MSR_INDEX_LIST: {0}")]

@@ -61,9 +61,7 @@ pub fn set_boot_msrs(vcpu: &VcpuFd, id: u8, supported: &[u32]) -> Result<(), Cpu
         what: "building MSR list",
         reason: format!("{e:?}"),
     })?;
-    let written = vcpu
-        .set_msrs(&msrs)
-        .map_err(CpuError::setup(id, "KVM_SET_MSRS"))?;
+    let written = vcpu.set_msrs(&msrs).map_err(CpuError::setup(id, "KVM_SET_MSRS"))?;
     if written != entries.len() {
         // KVM stops at the first MSR it refuses; name it.
         return Err(CpuError::Setup {

@@ -6,9 +6,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::CpuError;
-use crate::boot::layout::{
-    BOOT_STACK, GDT_ADDR, IDT_ADDR, PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
-};
+use crate::boot::layout::{BOOT_STACK, GDT_ADDR, IDT_ADDR, PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 use crate::memory::GuestMemory;
 
 const BOOT_CS: u16 = 0x10;
@@ -52,11 +50,7 @@ pub fn segment(entry: u64, selector: u16) -> kvm_segment {
     let granular = bit(55) == 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: bit(47),
@@ -108,9 +102,7 @@ pub fn write_boot_tables(mem: &GuestMemory) -> Result<(), CpuError> {
 
 /// Long mode with paging, flat segments per the boot protocol, the BSP's entry state.
 pub fn set_boot_sregs(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(CpuError::setup(id, "KVM_GET_SREGS"))?;
+    let mut sregs = vcpu.get_sregs().map_err(CpuError::setup(id, "KVM_GET_SREGS"))?;
     let table = gdt();
     let code = segment(table[2], BOOT_CS);
     let data = segment(table[3], BOOT_DS);
@@ -129,8 +121,7 @@ pub fn set_boot_sregs(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs)
-        .map_err(CpuError::setup(id, "KVM_SET_SREGS"))
+    vcpu.set_sregs(&sregs).map_err(CpuError::setup(id, "KVM_SET_SREGS"))
 }
 
 /// RIP at the kernel's 64-bit entry, RSI at boot_params, a small stack, IF clear.
@@ -143,8 +134,7 @@ pub fn set_boot_regs(vcpu: &VcpuFd, id: u8, entry: u64) -> Result<(), CpuError> 
         rsi: ZERO_PAGE_ADDR,
         ..Default::default()
     };
-    vcpu.set_regs(&regs)
-        .map_err(CpuError::setup(id, "KVM_SET_REGS"))
+    vcpu.set_regs(&regs).map_err(CpuError::setup(id, "KVM_SET_REGS"))
 }
 
 /// x87 control word and MXCSR at their reset values (all exceptions masked).
@@ -154,8 +144,7 @@ pub fn set_fpu(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)
-        .map_err(CpuError::setup(id, "KVM_SET_FPU"))
+    vcpu.set_fpu(&fpu).map_err(CpuError::setup(id, "KVM_SET_FPU"))
 }
 
 const APIC_LVT_LINT0: usize = 0x350;
@@ -167,13 +156,8 @@ const DELIVERY_NMI: u32 = 0x400;
 /// LINT0 delivers the PIC's interrupts (ExtINT), LINT1 delivers NMIs: the virtual-wire
 /// setup firmware leaves and the MP table announces.
 pub fn set_lint_pins(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(CpuError::setup(id, "KVM_GET_LAPIC"))?;
-    for (offset, mode) in [
-        (APIC_LVT_LINT0, DELIVERY_EXTINT),
-        (APIC_LVT_LINT1, DELIVERY_NMI),
-    ] {
+    let mut lapic = vcpu.get_lapic().map_err(CpuError::setup(id, "KVM_GET_LAPIC"))?;
+    for (offset, mode) in [(APIC_LVT_LINT0, DELIVERY_EXTINT), (APIC_LVT_LINT1, DELIVERY_NMI)] {
         let reg = &mut lapic.regs[offset..offset + 4];
         let bytes: [u8; 4] = std::array::from_fn(|i| reg[i] as u8);
         let value = (u32::from_le_bytes(bytes) & !DELIVERY_MODE_MASK) | mode;
@@ -181,8 +165,7 @@ pub fn set_lint_pins(vcpu: &VcpuFd, id: u8) -> Result<(), CpuError> {
             *dst = src as _;
         }
     }
-    vcpu.set_lapic(&lapic)
-        .map_err(CpuError::setup(id, "KVM_SET_LAPIC"))
+    vcpu.set_lapic(&lapic).map_err(CpuError::setup(id, "KVM_SET_LAPIC"))
 }
 
 #[cfg(test)]

@@ -48,8 +48,7 @@ impl Vcpu {
             .create_vcpu(u64::from(id))
             .map_err(CpuError::setup(id, "KVM_CREATE_VCPU"))?;
         let table = cpuid::for_vcpu(supported_cpuid, id, cpus, tsc_deadline)?;
-        fd.set_cpuid2(&table)
-            .map_err(CpuError::setup(id, "KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&table).map_err(CpuError::setup(id, "KVM_SET_CPUID2"))?;
         msr::set_boot_msrs(&fd, id, supported_msrs)?;
         regs::set_fpu(&fd, id)?;
         if let Some(entry) = entry {
@@ -88,8 +87,7 @@ pub fn install_kick_handler() -> Result<(), crate::error::Error> {
     static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler)
-                .map_err(|e| crate::error::errno_message(&e))
+            register_signal_handler(kick_signal(), kick_handler).map_err(|e| crate::error::errno_message(&e))
         })
         .clone()
         .map_err(|reason| crate::error::Error::Io {
@@ -114,10 +112,8 @@ struct PanicGuard<'a> {
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.control.request_exit(ExitReason::Error(format!(
-                "vCPU {} thread panicked",
-                self.id
-            )));
+            self.control
+                .request_exit(ExitReason::Error(format!("vCPU {} thread panicked", self.id)));
         }
     }
 }
@@ -138,6 +134,30 @@ enum Fault {
     RunError(String),
 }
 
+/// Userspace exits per port / MMIO page, logged at debug level when the vCPU ends: the
+/// first thing to look at when a guest boots slowly (each exit costs microseconds).
+#[derive(Default)]
+struct ExitStats {
+    total: u64,
+    by_address: std::collections::HashMap<(bool, u64), u64>,
+}
+
+impl ExitStats {
+    fn log(&self, id: u8) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let mut top: Vec<_> = self.by_address.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = top
+            .iter()
+            .take(8)
+            .map(|((mmio, addr), n)| format!("{}{addr:#x}={n}", if *mmio { "mmio:" } else { "port:" }))
+            .collect();
+        tracing::debug!("vCPU {id}: {} userspace exits; busiest: {}", self.total, top.join(" "));
+    }
+}
+
 fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
     let _guard = PanicGuard {
         id: vcpu.id,
@@ -145,7 +165,30 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
     };
     let run_ptr: *mut kvm_run = vcpu.fd.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
+    let mut stats = ExitStats::default();
+    let count = tracing::enabled!(tracing::Level::DEBUG);
     while !ctx.control.is_stopping() {
+        if count {
+            // SAFETY: reading the exit reason and address of the last exit.
+            let (reason, port, mmio) = unsafe {
+                (
+                    (*run_ptr).exit_reason,
+                    (*run_ptr).__bindgen_anon_1.io.port,
+                    (*run_ptr).__bindgen_anon_1.mmio.phys_addr,
+                )
+            };
+            match reason {
+                kvm_bindings::KVM_EXIT_IO => {
+                    stats.total += 1;
+                    *stats.by_address.entry((false, u64::from(port))).or_default() += 1;
+                }
+                kvm_bindings::KVM_EXIT_MMIO => {
+                    stats.total += 1;
+                    *stats.by_address.entry((true, mmio & !0xfff)).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
         match step(&mut vcpu, run_ptr, ctx) {
             Next::Continue => {}
             Next::Stop(reason) => {
@@ -155,6 +198,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    stats.log(vcpu.id);
 }
 
 fn step(vcpu: &mut Vcpu, run_ptr: *mut kvm_run, ctx: &VcpuContext) -> Next {
@@ -216,9 +260,7 @@ fn step(vcpu: &mut Vcpu, run_ptr: *mut kvm_run, ctx: &VcpuContext) -> Next {
         Fault::Shutdown => {
             // A triple fault: how some kernels reboot (reboot=t), and how a crashed
             // early boot ends. Either way the guest is reset, i.e. rebooted.
-            tracing::warn!(
-                "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN), treating as reboot; {regs}"
-            );
+            tracing::warn!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN), treating as reboot; {regs}");
             Next::Stop(ExitReason::Reboot)
         }
         Fault::FailEntry(reason) => Next::Stop(ExitReason::Error(format!(
@@ -236,12 +278,8 @@ fn step(vcpu: &mut Vcpu, run_ptr: *mut kvm_run, ctx: &VcpuContext) -> Next {
                 }
             )))
         }
-        Fault::Crash => Next::Stop(ExitReason::Error(format!(
-            "vCPU {id}: guest crash event; {regs}"
-        ))),
-        Fault::Unexpected(what) => Next::Stop(ExitReason::Error(format!(
-            "vCPU {id}: unexpected exit {what}; {regs}"
-        ))),
+        Fault::Crash => Next::Stop(ExitReason::Error(format!("vCPU {id}: guest crash event; {regs}"))),
+        Fault::Unexpected(what) => Next::Stop(ExitReason::Error(format!("vCPU {id}: unexpected exit {what}; {regs}"))),
         Fault::RunError(reason) => Next::Stop(ExitReason::Error(format!(
             "vCPU {id}: KVM_RUN failed: {reason}; {regs}"
         ))),

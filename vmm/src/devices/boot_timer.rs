@@ -21,10 +21,7 @@ pub struct BootTimer {
 impl BootTimer {
     /// `start` is the VMM's start time (taken first thing in `main`).
     pub fn new(start: Instant) -> Self {
-        BootTimer {
-            start,
-            reported: false,
-        }
+        BootTimer { start, reported: false }
     }
 }
 

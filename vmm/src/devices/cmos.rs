@@ -98,11 +98,7 @@ impl Cmos {
         nvram[REG_A as usize] = A_DEFAULT;
         nvram[REG_B as usize] = B_24H;
         nvram[REG_D as usize] = D_VALID;
-        Cmos {
-            index: 0,
-            nvram,
-            clock,
-        }
+        Cmos { index: 0, nvram, clock }
     }
 
     fn encode(&self, value: u8) -> u8 {
@@ -129,14 +125,7 @@ impl Cmos {
     fn read_register(&self, reg: u8) -> u8 {
         let time_reg = matches!(
             reg,
-            REG_SECONDS
-                | REG_MINUTES
-                | REG_HOURS
-                | REG_WEEKDAY
-                | REG_DAY
-                | REG_MONTH
-                | REG_YEAR
-                | REG_CENTURY
+            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH | REG_YEAR | REG_CENTURY
         );
         if !time_reg {
             return match reg {
@@ -180,8 +169,8 @@ impl BusDevice for Cmos {
             0 => self.index = value & 0x7f,
             _ => match self.index {
                 // The clock follows the host; the guest setting it is ignored.
-                REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
-                | REG_YEAR | REG_CENTURY | REG_C | REG_D => {}
+                REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH | REG_YEAR | REG_CENTURY
+                | REG_C | REG_D => {}
                 i => self.nvram[i as usize] = value,
             },
         }

@@ -73,9 +73,7 @@ const BUFFER_LIMIT: usize = 16;
 /// Ctrl, Alt, Del pressed, then released: scan code set 1 (what the guest sees when the
 /// controller translates, the Linux default) and set 2 (untranslated).
 const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
-const CTRL_ALT_DEL_SET2: [u8; 11] = [
-    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
-];
+const CTRL_ALT_DEL_SET2: [u8; 11] = [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14];
 
 pub struct I8042 {
     ctr: u8,
@@ -182,8 +180,9 @@ impl I8042 {
         self.pending_command = None;
         match cmd {
             CMD_READ_CTR => self.push(self.ctr, false),
-            CMD_WRITE_CTR | CMD_WRITE_OUTPUT | CMD_WRITE_KBD_BUFFER | CMD_WRITE_AUX_BUFFER
-            | CMD_WRITE_AUX => self.pending_command = Some(cmd),
+            CMD_WRITE_CTR | CMD_WRITE_OUTPUT | CMD_WRITE_KBD_BUFFER | CMD_WRITE_AUX_BUFFER | CMD_WRITE_AUX => {
+                self.pending_command = Some(cmd)
+            }
             CMD_AUX_DISABLE => self.ctr |= CTR_AUXDIS,
             CMD_AUX_ENABLE => self.ctr &= !CTR_AUXDIS,
             CMD_AUX_TEST | CMD_KBD_TEST => self.push(0x00, false),

@@ -113,13 +113,9 @@ pub fn open_sink(target: &SerialOutput) -> Result<SerialSink, Error> {
     Ok(match target {
         SerialOutput::Stdio => SerialSink::Stdout,
         SerialOutput::None => SerialSink::None,
-        SerialOutput::File(path) => SerialSink::File(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(fail)?,
-        ),
+        SerialOutput::File(path) => {
+            SerialSink::File(OpenOptions::new().create(true).append(true).open(path).map_err(fail)?)
+        }
         SerialOutput::Unix(path) => SerialSink::Unix(UnixStream::connect(path).map_err(fail)?),
     })
 }
@@ -176,69 +172,66 @@ pub fn spawn_input_thread(
     serial: Arc<Mutex<SerialDevice>>,
     control: Arc<VmControl>,
 ) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            let mut escape_pending = false;
-            while !control.is_stopping() {
-                // `stop` becomes readable at teardown.
-                let mut fds = [
-                    libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: stop.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: two valid pollfds.
-                let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-                if ready < 0 || fds[1].revents != 0 {
-                    if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-                    {
-                        continue;
-                    }
-                    return;
-                }
-                if fds[0].revents == 0 {
+    std::thread::Builder::new().name("serial-in".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut escape_pending = false;
+        while !control.is_stopping() {
+            // `stop` becomes readable at teardown.
+            let mut fds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ready < 0 || fds[1].revents != 0 {
+                if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                // SAFETY: reading into a valid buffer.
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    return; // EOF or error: the guest simply gets no more input.
-                }
-                let mut bytes: Vec<u8> = Vec::with_capacity(n as usize);
-                for &b in &buf[..n as usize] {
-                    if is_tty && escape_pending {
-                        escape_pending = false;
-                        match b {
-                            b'x' | b'X' => {
-                                control.request_exit(ExitReason::Killed);
-                                return;
-                            }
-                            ESCAPE => bytes.push(ESCAPE),
-                            other => bytes.extend([ESCAPE, other]),
+                return;
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            // SAFETY: reading into a valid buffer.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return; // EOF or error: the guest simply gets no more input.
+            }
+            let mut bytes: Vec<u8> = Vec::with_capacity(n as usize);
+            for &b in &buf[..n as usize] {
+                if is_tty && escape_pending {
+                    escape_pending = false;
+                    match b {
+                        b'x' | b'X' => {
+                            control.request_exit(ExitReason::Killed);
+                            return;
                         }
-                    } else if is_tty && b == ESCAPE {
-                        escape_pending = true;
-                    } else {
-                        bytes.push(b);
+                        ESCAPE => bytes.push(ESCAPE),
+                        other => bytes.extend([ESCAPE, other]),
                     }
-                }
-                let mut rest = &bytes[..];
-                while !rest.is_empty() && !control.is_stopping() {
-                    let taken = lock(&serial).enqueue_input(rest);
-                    rest = &rest[taken..];
-                    if !rest.is_empty() {
-                        // FIFO full: the guest has not drained it yet.
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
+                } else if is_tty && b == ESCAPE {
+                    escape_pending = true;
+                } else {
+                    bytes.push(b);
                 }
             }
-        })
+            let mut rest = &bytes[..];
+            while !rest.is_empty() && !control.is_stopping() {
+                let taken = lock(&serial).enqueue_input(rest);
+                rest = &rest[taken..];
+                if !rest.is_empty() {
+                    // FIFO full: the guest has not drained it yet.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    })
 }

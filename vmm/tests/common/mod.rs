@@ -29,11 +29,7 @@ pub fn require_kvm() -> bool {
         eprintln!("KEEL_SKIP_KVM=1: skipping a test that needs /dev/kvm");
         return false;
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         panic!(
             "this test needs /dev/kvm (read/write) and cannot open it: {e}. \
              Run on a KVM-capable machine, or set KEEL_SKIP_KVM=1 to skip by hand."
@@ -171,11 +167,7 @@ pub fn bzimage(pm: &[u8], version: u16, xloadflags: u16) -> Vec<u8> {
         f[off..off + bytes.len()].copy_from_slice(bytes);
     };
     put(&mut f, 0x1f1, &[SETUP_SECTS]);
-    put(
-        &mut f,
-        0x1f4,
-        &((pm.len() as u32).div_ceil(16)).to_le_bytes(),
-    ); // syssize
+    put(&mut f, 0x1f4, &((pm.len() as u32).div_ceil(16)).to_le_bytes()); // syssize
     put(&mut f, 0x1fe, &0xaa55u16.to_le_bytes());
     put(&mut f, 0x200, &[0xeb, 0x66]); // jmp over the header, as real ones do
     put(&mut f, 0x202, b"HdrS");
@@ -186,11 +178,7 @@ pub fn bzimage(pm: &[u8], version: u16, xloadflags: u16) -> Vec<u8> {
     put(&mut f, 0x230, &0x20_0000u32.to_le_bytes()); // kernel_alignment
     put(&mut f, 0x236, &xloadflags.to_le_bytes());
     put(&mut f, 0x238, &2047u32.to_le_bytes()); // cmdline_size
-    put(
-        &mut f,
-        0x260,
-        &((pm.len() as u32 + 0xfff) & !0xfff).to_le_bytes(),
-    ); // init_size
+    put(&mut f, 0x260, &((pm.len() as u32 + 0xfff) & !0xfff).to_le_bytes()); // init_size
     f.extend(pm);
     f
 }
