@@ -1,0 +1,213 @@
+//! Watching a QEMU serial console from an end-to-end test: every line is echoed (so the CI
+//! log shows the boot), and each stage waits for its line with its own timeout.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A running QEMU whose stdout (the serial console) and stderr are read line by line.
+pub struct Console {
+    child: Child,
+    lines: Receiver<String>,
+    started: Instant,
+    /// The last lines seen, shown when a stage fails.
+    recent: Vec<String>,
+}
+
+/// A stage that did not see its line in time, or saw the console end first.
+#[derive(Debug)]
+pub struct StageFailure(pub String);
+
+fn pump(source: impl Read + Send + 'static, prefix: &'static str, tx: mpsc::Sender<String>) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(source);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\r', '\n'])
+                        .replace('\r', "");
+                    if tx.send(format!("{prefix}{line}")).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+impl Console {
+    /// Starts `command` with stdin closed and stdout/stderr captured.
+    pub fn spawn(mut command: Command) -> std::io::Result<Self> {
+        let started = Instant::now();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, lines) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            pump(out, "", tx.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            pump(err, "qemu stderr: ", tx);
+        }
+        Ok(Self {
+            child,
+            lines,
+            started,
+            recent: Vec::new(),
+        })
+    }
+
+    /// Time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Reads lines until one contains `needle`, which it returns; fails after `timeout` or
+    /// when the console closes. Lines containing any of `fatal` fail the stage at once.
+    pub fn expect(
+        &mut self,
+        needle: &str,
+        fatal: &[&str],
+        timeout: Duration,
+    ) -> Result<String, StageFailure> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    println!("  | {line}");
+                    self.recent.push(line.clone());
+                    if self.recent.len() > 40 {
+                        self.recent.remove(0);
+                    }
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                    if let Some(f) = fatal.iter().find(|f| line.contains(**f)) {
+                        return Err(StageFailure(format!(
+                            "saw {f:?} while waiting for {needle:?}"
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(StageFailure(format!(
+                        "no line containing {needle:?} within {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self
+                        .child
+                        .wait()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string());
+                    return Err(StageFailure(format!(
+                        "console closed ({status}) before a line containing {needle:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Waits for QEMU to exit on its own, echoing what it still prints.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, StageFailure> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Ok(line) = self.lines.try_recv() {
+                println!("  | {line}");
+            }
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                Ok(None) => {
+                    return Err(StageFailure(format!(
+                        "QEMU still running after {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                Err(e) => return Err(StageFailure(format!("waiting for QEMU: {e}"))),
+            }
+        }
+    }
+
+    /// The last lines seen, for a failure report.
+    pub fn recent(&self) -> &[String] {
+        &self.recent
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // Never leave a QEMU behind, whatever failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Counts stages and prints the closing `N passed, N failed` line CI reads.
+pub struct Report {
+    name: &'static str,
+    passed: usize,
+    failed: usize,
+}
+
+impl Report {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            passed: 0,
+            failed: 0,
+        }
+    }
+
+    /// Records one stage's outcome and prints it with the time since QEMU started.
+    pub fn stage<T>(
+        &mut self,
+        console: &Console,
+        stage: &str,
+        result: Result<T, StageFailure>,
+    ) -> Option<T> {
+        let at = console.elapsed().as_secs_f64();
+        match result {
+            Ok(value) => {
+                self.passed += 1;
+                println!("{}: PASS {stage} (t={at:.1} s)", self.name);
+                Some(value)
+            }
+            Err(StageFailure(why)) => {
+                self.failed += 1;
+                println!("{}: FAIL {stage} (t={at:.1} s): {why}", self.name);
+                println!("{}: last console lines:", self.name);
+                for line in console.recent() {
+                    println!("  | {line}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts stages that were never reached because an earlier one failed.
+    pub fn skipped_as_failed(&mut self, stages: &[&str]) {
+        for stage in stages {
+            self.failed += 1;
+            println!("{}: FAIL {stage}: not reached", self.name);
+        }
+    }
+
+    /// Prints the closing line; true when everything passed.
+    pub fn finish(&self) -> bool {
+        println!(
+            "{}: {} passed, {} failed",
+            self.name, self.passed, self.failed
+        );
+        self.failed == 0 && self.passed > 0
+    }
+}

@@ -1,0 +1,296 @@
+//! End-to-end: real Linux kernels boot, under QEMU's software emulation (issue 3).
+//!
+//! Run by `ci/e2e` (not by `cargo test`/nextest: `test = false` in Cargo.toml), which passes:
+//!   KEEL_E2E_KERNEL        Debian's cloud kernel (vmlinuz): QEMU's guest and keel-vmm's guest
+//!   KEEL_E2E_MODULES       its modules directory, depmod already run (kernel-config/fetch-host)
+//!   KEEL_E2E_GUEST_KERNEL  Keel's default guest kernel (kernel-config/build-guest)
+//!   KEEL_E2E_VMM           a static keel-vmm
+//!   KEEL_E2E_BUSYBOX       optional, default /bin/busybox (busybox-static)
+//!   KEEL_E2E_QEMU          optional, default qemu-system-x86_64
+//!
+//! Part 1: QEMU boots Keel's guest kernel straight into a busybox initramfs with 2 vCPUs
+//! (tinyconfig + kernel-config/guest.config reaches userspace, SMP from the MP table).
+//!
+//! Part 2, nested: QEMU (`-cpu max` offers AMD SVM) boots the cloud kernel with an initramfs
+//! built by keel-image's cpio writer. Its /init loads irqbypass → kvm → kvm-amd in the order of
+//! the load list `modules.keel`, then runs keel-vmm three times: the cloud kernel with 1 and
+//! with 2 vCPUs, and Keel's guest kernel with 2 vCPUs. Each inner guest prints a marker with
+//! its vCPU count, writes the boot timer and reboots; keel-vmm must exit with its reboot code.
+//!
+//! Every stage waits for its console line with its own timeout. Prints
+//! `e2e_vmm: N passed, N failed` last; exits non-zero on any failure.
+
+#[path = "e2e_support/console.rs"]
+mod console;
+#[path = "e2e_support/guest.rs"]
+mod guest;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use console::{Console, Report, StageFailure};
+use guest::GUEST_MARKER;
+use keel_image::initramfs::Builder;
+
+/// keel-vmm's exit code when the guest asked to reboot (vmm/src/main.rs documents the codes).
+const VMM_REBOOT_EXIT: i32 = 3;
+
+/// Inner guests boot quiet: every serial byte costs the nested VMM several exits.
+const INNER_CMDLINE: &str = "console=ttyS0 reboot=k quiet loglevel=1";
+
+/// Lines that end a stage at once: no point waiting for a timeout after these.
+const FATAL: &[&str] = &["Kernel panic", "KEEL-E2E: FAIL"];
+
+struct Inputs {
+    kernel: PathBuf,
+    modules: PathBuf,
+    guest_kernel: PathBuf,
+    vmm: PathBuf,
+    busybox: PathBuf,
+    qemu: String,
+}
+
+fn env_path(name: &str) -> Result<PathBuf, String> {
+    let value = std::env::var_os(name)
+        .ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
+    let path = PathBuf::from(value);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{name}={} does not exist", path.display()))
+    }
+}
+
+fn inputs() -> Result<Inputs, String> {
+    Ok(Inputs {
+        kernel: env_path("KEEL_E2E_KERNEL")?,
+        modules: env_path("KEEL_E2E_MODULES")?,
+        guest_kernel: env_path("KEEL_E2E_GUEST_KERNEL")?,
+        vmm: env_path("KEEL_E2E_VMM")?,
+        busybox: std::env::var_os("KEEL_E2E_BUSYBOX")
+            .map_or_else(|| PathBuf::from("/bin/busybox"), PathBuf::from),
+        qemu: std::env::var("KEEL_E2E_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+    })
+}
+
+/// QEMU's software-emulated q35 with a direct kernel boot, serial on stdout.
+fn qemu(
+    inputs: &Inputs,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    cpus: u32,
+    memory_mib: u32,
+) -> Command {
+    let mut cmd = Command::new(&inputs.qemu);
+    cmd.args([
+        "-M",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .args(["-m", &memory_mib.to_string(), "-smp", &cpus.to_string()])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", cmdline]);
+    cmd
+}
+
+/// The outer /init: load KVM by the load list, then run keel-vmm once per inner boot.
+fn outer_init(runs: &[(&str, &str, u32)]) -> String {
+    let mut script = String::from(
+        r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "KEEL-E2E: outer init started"
+kver=$(uname -r)
+while read -r name path; do
+  case "$name" in ''|'#'*) continue ;; esac
+  insmod "/lib/modules/$kver/$path" || echo "KEEL-E2E: FAIL insmod $name"
+done < "/lib/modules/$kver/modules.keel"
+if [ -c /dev/kvm ]; then echo "KEEL-E2E: /dev/kvm ready"; else echo "KEEL-E2E: FAIL no /dev/kvm"; fi
+"#,
+    );
+    for (label, kernel, cpus) in runs {
+        script.push_str(&format!(
+            "echo \"KEEL-E2E: run {label}\"\n\
+             /keel-vmm --kernel {kernel} --initrd /guest/initrd.cpio --cmdline '{INNER_CMDLINE}' \
+             --cpus {cpus} --memory 256MiB --serial stdio --boot-timer\n\
+             echo \"KEEL-E2E: keel-vmm exit=$? ({label})\"\n"
+        ));
+    }
+    script.push_str("echo \"KEEL-E2E: done\"\npoweroff -f\n");
+    script
+}
+
+fn run() -> Result<bool, String> {
+    let inputs = inputs()?;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let boot_timer = guest::build_boot_timer(work.path())?;
+    let guest_initrd = work.path().join("guest-initrd.cpio");
+    std::fs::write(
+        &guest_initrd,
+        guest::guest_initramfs(&inputs.busybox, &boot_timer)?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut report = Report::new("e2e_vmm");
+
+    // Part 1: Keel's guest kernel on QEMU directly.
+    println!(
+        "e2e_vmm: part 1: Keel's guest kernel {} under QEMU, 2 vCPUs",
+        inputs.guest_kernel.display()
+    );
+    {
+        let mut console = Console::spawn(qemu(
+            &inputs,
+            &inputs.guest_kernel,
+            &guest_initrd,
+            "console=ttyS0 reboot=k",
+            2,
+            256,
+        ))
+        .map_err(|e| format!("{}: {e} (ci/setup installs qemu-system-x86)", inputs.qemu))?;
+        let marker = format!("{GUEST_MARKER} cpus=2");
+        report.stage(
+            &console,
+            "guest kernel: userspace with 2 vCPUs",
+            console_expect(&mut console, &marker, 60),
+        );
+        let exit = console.wait_exit(Duration::from_secs(30));
+        report.stage(
+            &console,
+            "guest kernel: reboot -f ends QEMU",
+            exit.map(|_| ()),
+        );
+    }
+
+    // Part 2: keel-vmm nested in QEMU.
+    let runs = [
+        ("cloud kernel, 1 vCPU", "/guest/vmlinuz", 1),
+        ("cloud kernel, 2 vCPUs", "/guest/vmlinuz", 2),
+        ("keel guest kernel, 2 vCPUs", "/guest/bzImage", 2),
+    ];
+    let mut outer = Builder::from_env().map_err(|e| e.to_string())?;
+    guest::add_busybox(&mut outer, &inputs.busybox)?;
+    outer
+        .kernel_modules(&inputs.modules, &["kvm_amd"])
+        .map_err(|e| e.to_string())?;
+    let add = |b: &mut Builder, path: &str, host: &Path, mode: u32| {
+        b.host_file(path, host, mode)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    add(&mut outer, "/keel-vmm", &inputs.vmm, 0o755)?;
+    add(&mut outer, "/guest/vmlinuz", &inputs.kernel, 0o644)?;
+    add(&mut outer, "/guest/bzImage", &inputs.guest_kernel, 0o644)?;
+    add(&mut outer, "/guest/initrd.cpio", &guest_initrd, 0o644)?;
+    outer
+        .file("/init", 0o755, outer_init(&runs))
+        .map_err(|e| e.to_string())?;
+    let outer_initrd = work.path().join("outer-initrd.cpio");
+    outer
+        .write_to_file(&outer_initrd)
+        .map_err(|e| e.to_string())?;
+
+    println!(
+        "e2e_vmm: part 2: keel-vmm inside QEMU (cloud kernel {}, kvm-amd nested)",
+        inputs.kernel.display()
+    );
+    let mut console = Console::spawn(qemu(
+        &inputs,
+        &inputs.kernel,
+        &outer_initrd,
+        "console=ttyS0 panic=-1 quiet",
+        2,
+        2048,
+    ))
+    .map_err(|e| format!("{}: {e}", inputs.qemu))?;
+    let mut stages: Vec<String> = vec![
+        "outer init started".into(),
+        "/dev/kvm ready inside QEMU".into(),
+    ];
+    for (label, _, cpus) in &runs {
+        stages.push(format!("{label}: marker cpus={cpus}"));
+        stages.push(format!("{label}: boot-timer line"));
+        stages.push(format!("{label}: keel-vmm exit {VMM_REBOOT_EXIT}"));
+    }
+    stages.push("QEMU powers off".into());
+
+    let mut next = 0;
+    // Records the outcome of stage `next`; false ends the run (later stages depend on it).
+    let mut record = |report: &mut Report, console: &Console, result: Result<(), StageFailure>| {
+        let ok = report.stage(console, &stages[next], result).is_some();
+        next += 1;
+        ok
+    };
+    'run: {
+        let r = console_expect(&mut console, "KEEL-E2E: outer init started", 90).map(drop);
+        if !record(&mut report, &console, r) {
+            break 'run;
+        }
+        let r = console_expect(&mut console, "KEEL-E2E: /dev/kvm ready", 60).map(drop);
+        if !record(&mut report, &console, r) {
+            break 'run;
+        }
+        for (label, _, cpus) in &runs {
+            let r =
+                console_expect(&mut console, &format!("{GUEST_MARKER} cpus={cpus}"), 120).map(drop);
+            if !record(&mut report, &console, r) {
+                break 'run;
+            }
+            let r = console_expect(&mut console, "boot-timer: guest ready", 30).map(drop);
+            if !record(&mut report, &console, r) {
+                break 'run;
+            }
+            let want = format!("exit={VMM_REBOOT_EXIT} ({label})");
+            let r = console_expect(&mut console, "KEEL-E2E: keel-vmm exit=", 60).and_then(|line| {
+                if line.contains(&want) {
+                    Ok(())
+                } else {
+                    Err(StageFailure(format!("expected `{want}`, got `{line}`")))
+                }
+            });
+            if !record(&mut report, &console, r) {
+                break 'run;
+            }
+        }
+        let r = console_expect(&mut console, "KEEL-E2E: done", 30)
+            .and_then(|_| console.wait_exit(Duration::from_secs(30)).map(drop));
+        record(&mut report, &console, r);
+    }
+    let not_reached: Vec<&str> = stages[next..].iter().map(String::as_str).collect();
+    report.skipped_as_failed(&not_reached);
+    Ok(report.finish())
+}
+
+fn console_expect(
+    console: &mut Console,
+    needle: &str,
+    timeout_s: u64,
+) -> Result<String, StageFailure> {
+    console.expect(needle, FATAL, Duration::from_secs(timeout_s))
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("e2e_vmm: error: {e}");
+            println!("e2e_vmm: 0 passed, 1 failed");
+            ExitCode::FAILURE
+        }
+    }
+}
