@@ -1,12 +1,32 @@
 //! `keel-image`: the operator's and CI's tool for Keel disk images.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keel_image::build::{self, ImageInputs};
+use keel_image::host_initramfs::HostInitramfs;
+use keel_image::{flash, identity, inspect, qemu, uki};
+use keel_init::config::ByteSize;
+
+/// The default kernel command line of the host, from kernel-config/cmdline.
+const DEFAULT_CMDLINE: &str = include_str!("../../kernel-config/cmdline");
+/// The module list of the source tree this binary was built from.
+const DEFAULT_MODULES_LIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernel-config/modules.list");
+/// Where kernel-config/fetch-host unpacks Debian's host kernel (`ci/setup` runs it).
+const HOST_KERNEL_CACHE: &str = "/var/cache/keel/kernels/linux-image-amd64";
+const EFI_DIR: &str = "/usr/lib/systemd/boot/efi";
 
 #[derive(Parser)]
-#[command(name = "keel-image", version, about = "Build, check, inspect and boot Keel appliance images")]
+#[command(
+    name = "keel-image",
+    version,
+    about = "Build, check, inspect and boot Keel appliance images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,14 +45,403 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Print the JSON Schema of keel.yaml (for yaml-language-server and editors).
-    #[command(after_help = "Example:\n  keel-image schema > keel.schema.json\n  # then in keel.yaml:  # yaml-language-server: $schema=keel.schema.json")]
+    #[command(
+        after_help = "Example:\n  keel-image schema > keel.schema.json\n  # then in keel.yaml:  # yaml-language-server: $schema=keel.schema.json"
+    )]
     Schema,
+    /// Build a bootable appliance disk image from keel.yaml (no root needed).
+    #[command(after_help = BUILD_HELP)]
+    Build(BuildArgs),
+    /// Show partitions, installed versions (with boot counters) and the config of an
+    /// image or disk, and verify each UKI against its recorded sha256.
+    #[command(
+        after_help = "Examples:\n  keel-image inspect disk.img\n  keel-image inspect --json /dev/sdb | jq .esp.versions\n\nExit status: 0 all verified, 1 problems found (listed), 2 unreadable."
+    )]
+    Inspect {
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        image: PathBuf,
+    },
+    /// Boot an image in QEMU with UEFI firmware (OVMF); the serial console is this terminal.
+    #[command(
+        after_help = "Examples:\n  keel-image run disk.img\n  keel-image run disk.img --memory 2GiB --cpus 1 --snapshot\n  keel-image run disk.img --forward 8443:443 -- -d guest_errors\n\nExit: Ctrl-A X. keel-image exits with QEMU's exit status.\nUses -accel tcg -cpu max unless /dev/kvm is real KVM (not PVM: /sys/module/kvm_pvm)."
+    )]
+    Run {
+        image: PathBuf,
+        /// Guest memory, e.g. 2GiB.
+        #[arg(long, default_value = "4GiB")]
+        memory: String,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Force the accelerator instead of detecting it.
+        #[arg(long, value_parser = ["tcg", "kvm"])]
+        accel: Option<String>,
+        /// Throw away the disk's changes when QEMU exits.
+        #[arg(long)]
+        snapshot: bool,
+        /// Forward a TCP port from 127.0.0.1:HOST to the appliance (HOST:GUEST); repeatable.
+        #[arg(long = "forward", value_name = "HOST:GUEST")]
+        forwards: Vec<String>,
+        /// Print the QEMU command line and exit.
+        #[arg(long)]
+        print: bool,
+        /// More QEMU arguments, after `--`.
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
+    /// Write an image to a disk, fsync, read it back and compare sha256.
+    #[command(
+        after_help = "Examples:\n  keel-image flash disk.img /dev/sdb\n  keel-image flash --yes disk.img /dev/disk/by-id/usb-SanDisk_...\n\nRefuses a mounted disk (or one with a mounted partition), swap, and a disk smaller than the image."
+    )]
+    Flash {
+        image: PathBuf,
+        device: PathBuf,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const BUILD_HELP: &str = "\
+Examples:
+  keel-image build --config configs/minimal.yaml --output disk.img
+  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct) keel-image build --config keel.yaml -o disk.img --version 1.2.0
+  keel-image build --config keel.yaml -o disk.img --initramfs my-initrd.cpio --kernel vmlinuz
+
+Inputs and their defaults:
+  --kernel        $KEEL_KERNEL_IMAGE, else Debian's kernel unpacked by ci/setup in /var/cache/keel/kernels
+  --modules       $KEEL_KERNEL_MODULES, else that kernel's lib/modules/<version>
+  --guest-kernel  $KEEL_GUEST_KERNEL (kernel-config/build-guest prints one)
+  --bin-dir       directory of this program (holds static keel-init, keel-vmm, keelctl)
+
+The image is sparse: KEEL-DATA is left empty for keel-init to format and grow on first
+boot. The same inputs and SOURCE_DATE_EPOCH give a bit-identical image.";
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The appliance config (keel.yaml); validated first.
+    #[arg(long)]
+    config: PathBuf,
+    /// The disk image to write (replaced atomically).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Disk size (KEEL-DATA takes what the ESP and KEEL-CONFIG leave).
+    #[arg(long, default_value = "4GiB")]
+    size: String,
+    /// OS version, recorded in the UKI's .osrel and its file name.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    version: String,
+    /// Host kernel command line (default: kernel-config/cmdline).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Host kernel (bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Host kernel modules directory (lib/modules/<version>, with modules.dep).
+    #[arg(long)]
+    modules: Option<PathBuf>,
+    /// Which modules to include.
+    #[arg(long, default_value = DEFAULT_MODULES_LIST)]
+    modules_list: PathBuf,
+    /// Default guest kernel (for `kernel: default`).
+    #[arg(long)]
+    guest_kernel: Option<PathBuf>,
+    /// Default guest initramfs (for `initrd: default`).
+    #[arg(long)]
+    guest_initrd: Option<PathBuf>,
+    /// Directory with static keel-init, keel-vmm and keelctl.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Use this initramfs as is instead of assembling one (then --modules, --guest-kernel
+    /// and --bin-dir are not used).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Where systemd-boot and the UKI stub are (package systemd-boot-efi).
+    #[arg(long, default_value = EFI_DIR)]
+    efi_dir: PathBuf,
+    /// Print the build report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { json, files } => keel_image::validate::run(&files, json),
-        Command::Schema => keel_image::validate::print_schema(),
+    let result = match cli.command {
+        Command::Validate { json, files } => return keel_image::validate::run(&files, json),
+        Command::Schema => return keel_image::validate::print_schema(),
+        Command::Build(args) => cmd_build(args),
+        Command::Inspect { json, image } => cmd_inspect(&image, json),
+        Command::Run {
+            image,
+            memory,
+            cpus,
+            accel,
+            snapshot,
+            forwards,
+            print,
+            extra,
+        } => cmd_run(image, &memory, cpus, accel, snapshot, forwards, print, extra),
+        Command::Flash {
+            image,
+            device,
+            yes,
+            json,
+        } => cmd_flash(&image, &device, yes, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keel-image: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn parse_size(what: &str, s: &str) -> Result<u64> {
+    ByteSize::from_str(s)
+        .map(ByteSize::bytes)
+        .map_err(|e| anyhow::anyhow!("{what} {s:?}: {e}"))
+}
+
+fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    // Drawn on stderr only when it is a terminal; hidden in CI logs and pipes.
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+}
+
+fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
+    let bar = progress_bar(build::STEPS + 2, "{spinner} [{bar:24}] {pos}/{len} {msg}");
+    bar.set_message("validating the config");
+    let loaded = match keel_init::config::load_file(&args.config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            bar.finish_and_clear();
+            // The error renders every diagnostic, one per line, with file:line:col.
+            eprintln!("{e}");
+            bail!("{} is not a valid config; nothing was built", args.config.display());
+        }
+    };
+    let rendered = loaded.warnings.render(&args.config.display().to_string());
+    if !rendered.trim().is_empty() {
+        bar.suspend(|| eprint!("{rendered}"));
+    }
+    let config_yaml = read(&args.config, "config")?;
+    bar.inc(1);
+
+    uki::validate_version(&args.version).map_err(anyhow::Error::msg)?;
+    let disk_size = parse_size("--size", &args.size)?;
+    let timestamp = identity::source_date_epoch().map_err(anyhow::Error::msg)?;
+    let kernel_path = resolve_kernel(args.kernel.as_deref())?;
+
+    bar.set_message("assembling the initramfs");
+    let initramfs = match &args.initramfs {
+        Some(path) => read(path, "initramfs")?,
+        None => {
+            let bin_dir = match &args.bin_dir {
+                Some(d) => d.clone(),
+                None => std::env::current_exe()
+                    .context("locating keel-image to find keel-init next to it")?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            let guest_kernel = match args
+                .guest_kernel
+                .clone()
+                .or_else(|| std::env::var_os("KEEL_GUEST_KERNEL").map(PathBuf::from))
+            {
+                Some(p) => p,
+                None => bail!(
+                    "no guest kernel: pass --guest-kernel PATH or set KEEL_GUEST_KERNEL (kernel-config/build-guest builds one)"
+                ),
+            };
+            let spec = HostInitramfs {
+                bin_dir,
+                modules_dir: resolve_modules(args.modules.as_deref())?,
+                modules_list: args.modules_list.clone(),
+                guest_kernel,
+                guest_initrd: args.guest_initrd.clone(),
+                os_release: uki::os_release(&args.version),
+                mtime: u32::try_from(timestamp).unwrap_or(u32::MAX),
+            };
+            spec.build().context("assembling the initramfs")?
+        }
+    };
+    bar.inc(1);
+
+    let inputs = ImageInputs {
+        config_yaml,
+        version: args.version.clone(),
+        cmdline: args
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.trim().to_owned()),
+        kernel: read(&kernel_path, "host kernel")?,
+        initramfs,
+        efi_stub: read(
+            &args.efi_dir.join("linuxx64.efi.stub"),
+            "systemd EFI stub (package systemd-boot-efi)",
+        )?,
+        systemd_boot: read(
+            &args.efi_dir.join("systemd-bootx64.efi"),
+            "systemd-boot (package systemd-boot-efi)",
+        )?,
+        disk_size,
+        timestamp,
+    };
+    let report = build::build_image(&inputs, &args.output, &bar)?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "built {} in {:.1} s: Keel {}, disk {} MiB (sparse, {:.1} MiB allocated), UKI {:.1} MiB sha256 {}",
+            report.output.display(),
+            report.elapsed.as_secs_f64(),
+            report.version,
+            report.disk_size >> 20,
+            report.allocated_bytes as f64 / 1048576.0,
+            report.uki_size as f64 / 1048576.0,
+            report.uki_sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The unpacked Debian kernel tree that kernel-config/fetch-host left, with its version.
+fn cached_host_kernel() -> Result<(PathBuf, String)> {
+    let dir = std::fs::canonicalize(HOST_KERNEL_CACHE)
+        .with_context(|| format!("{HOST_KERNEL_CACHE}: no host kernel; run ci/setup or pass --kernel and --modules"))?;
+    let version = std::fs::read_to_string(dir.join(".kernel-version"))
+        .with_context(|| format!("{}/.kernel-version (rerun kernel-config/fetch-host)", dir.display()))?;
+    Ok((dir, version.trim().to_owned()))
+}
+
+fn resolve_kernel(arg: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = arg
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("KEEL_KERNEL_IMAGE").map(PathBuf::from))
+    {
+        return Ok(p);
+    }
+    let (dir, version) = cached_host_kernel()?;
+    Ok(dir.join("boot").join(format!("vmlinuz-{version}")))
+}
+
+fn resolve_modules(arg: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = arg
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("KEEL_KERNEL_MODULES").map(PathBuf::from))
+    {
+        return Ok(p);
+    }
+    let (dir, version) = cached_host_kernel()?;
+    Ok(dir.join("lib/modules").join(version))
+}
+
+fn cmd_inspect(image: &Path, json: bool) -> Result<ExitCode> {
+    let report = match inspect::inspect(image) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keel-image: error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", inspect::render(&report));
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_run(
+    image: PathBuf,
+    memory: &str,
+    cpus: u32,
+    accel: Option<String>,
+    snapshot: bool,
+    forwards: Vec<String>,
+    print: bool,
+    extra: Vec<String>,
+) -> Result<ExitCode> {
+    let mut opts = qemu::QemuOptions::new(image);
+    opts.memory_mib = parse_size("--memory", memory)? >> 20;
+    if opts.memory_mib < 128 {
+        bail!("--memory {memory}: at least 128MiB");
+    }
+    opts.cpus = cpus.max(1);
+    opts.accel = match accel.as_deref() {
+        Some("kvm") => qemu::Accel::Kvm,
+        Some(_) => qemu::Accel::Tcg,
+        None => qemu::Accel::detect(),
+    };
+    opts.snapshot = snapshot;
+    opts.forwards = forwards.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
+    opts.extra_args = extra.into_iter().map(Into::into).collect();
+    if print {
+        println!("{}", qemu::invocation(&opts)?.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let code = qemu::run(&opts)?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}
+
+fn cmd_flash(image: &Path, device: &Path, yes: bool, json: bool) -> Result<ExitCode> {
+    let target = flash::check_target(image, device)?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "{} will be overwritten: pass --yes to confirm (stdin is not a terminal)",
+                device.display()
+            );
+        }
+        eprint!(
+            "Overwrite {} ({} MiB) with {}? [y/N] ",
+            device.display(),
+            target.size >> 20,
+            image.display()
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("not confirmed; nothing written");
+        }
+    }
+    let bar = progress_bar(0, "{spinner} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} {msg}");
+    let report = flash::flash(image, device, &bar)?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "flashed {} bytes to {} in {:.1} s, read back and verified in {:.1} s (sha256 {})",
+            report.bytes,
+            report.target.display(),
+            report.write_secs,
+            report.verify_secs,
+            report.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
