@@ -76,6 +76,24 @@ pub struct Host {
     /// How much keel-init logs.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// What the appliance does once every guest has stopped and none is waiting
+    /// to restart: `stay` up (the default), or `poweroff` (batch appliances, CI).
+    #[serde(default)]
+    pub on_idle: OnIdle,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    #[default]
+    Stay,
+    Poweroff,
+}
+
+impl Decode for OnIdle {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        one_of(node, &[("stay", OnIdle::Stay), ("poweroff", OnIdle::Poweroff)], d)
+    }
 }
 
 fn default_hostname() -> Spanned<String> {
@@ -91,6 +109,7 @@ impl Default for Host {
             hostname: default_hostname(),
             console: default_console(),
             log_level: LogLevel::default(),
+            on_idle: OnIdle::Stay,
         }
     }
 }
@@ -101,11 +120,13 @@ impl Decode for Host {
         let hostname = m.optional("hostname").map(|v| v.unwrap_or_else(default_hostname));
         let console = m.optional("console").map(|v| v.unwrap_or_else(default_console));
         let log_level = m.or_default("log_level");
+        let on_idle = m.or_default("on_idle");
         m.finish();
         build!(Host {
             hostname,
             console,
-            log_level
+            log_level,
+            on_idle
         })
     }
 }

@@ -1,0 +1,107 @@
+//! How a guest in keel.yaml becomes a `keel-vmm` command line.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::config::{BootFile, Guest, PoolPath};
+use crate::layout;
+
+/// Where the files a guest names are found.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub vmm: PathBuf,
+    pub default_kernel: PathBuf,
+    pub default_initrd: PathBuf,
+    /// KEEL-DATA's mount point (pools live under it).
+    pub data_root: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            vmm: layout::KEEL_VMM.into(),
+            default_kernel: layout::DEFAULT_GUEST_KERNEL.into(),
+            default_initrd: layout::DEFAULT_GUEST_INITRD.into(),
+            data_root: layout::DATA_MOUNT.into(),
+        }
+    }
+}
+
+impl Paths {
+    pub fn pool_file(&self, p: &PoolPath) -> PathBuf {
+        layout::pool_dir(&self.data_root, &p.pool).join(&p.path)
+    }
+
+    fn boot_file(&self, f: &BootFile, default: &Path) -> PathBuf {
+        match f {
+            BootFile::Default => default.to_path_buf(),
+            BootFile::Pool(p) => self.pool_file(p),
+        }
+    }
+}
+
+/// What Keel puts on every guest's command line before the operator's part:
+/// the serial console, reboot through the i8042 (which ends keel-vmm with its
+/// reboot code), no PCI probing (devices are virtio-mmio), and the guest's name
+/// for its own init to read.
+pub fn base_cmdline(guest: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=1 pci=off keel.guest={guest}")
+}
+
+/// The arguments for `keel-vmm` (without the program name).
+pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
+    let mut cmdline = base_cmdline(&g.name);
+    if let Some(extra) = &g.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let mut a: Vec<OsString> = vec![
+        "--kernel".into(),
+        paths.boot_file(&g.kernel, &paths.default_kernel).into(),
+        "--cpus".into(),
+        g.vcpus.to_string().into(),
+        "--memory".into(),
+        g.memory.to_string().into(),
+        "--cmdline".into(),
+        cmdline.into(),
+        "--serial".into(),
+        "stdio".into(),
+    ];
+    if let Some(initrd) = &g.initrd {
+        a.push("--initrd".into());
+        a.push(paths.boot_file(initrd, &paths.default_initrd).into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_vmm_arguments() {
+        let text = "version: 1\nstorage: {pools: [{name: img}]}\nguests:\n  - name: web\n    vcpus: 2\n    memory: 256MiB\n    kernel: img/vmlinuz\n    initrd: default\n    cmdline: quiet\n";
+        let cfg = crate::config::parse_str(text).expect("valid").config;
+        let paths = Paths {
+            data_root: "/data".into(),
+            ..Paths::default()
+        };
+        let a: Vec<String> = args(&cfg.guests[0], &paths)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            a[0..6],
+            [
+                "--kernel",
+                "/data/pools/img/vmlinuz",
+                "--cpus",
+                "2",
+                "--memory",
+                "256MiB"
+            ]
+        );
+        assert_eq!(a[7], "console=ttyS0 reboot=k panic=1 pci=off keel.guest=web quiet");
+        assert_eq!(a[10..], ["--initrd", layout::DEFAULT_GUEST_INITRD]);
+    }
+}
