@@ -106,9 +106,10 @@ impl RestartHistory {
         self.recent.len()
     }
 
-    /// A guest that asks to reboot is restarted at once (the guest wants to go
-    /// on; `never` means "do not revive it", not "ignore its reboot"); a clean
-    /// poweroff is final unless the policy is `always`; anything else is a
+    /// `never` leaves every ended guest stopped (also after a guest reboot, which
+    /// is how a guest without ACPI ends its VM). Otherwise a guest that asks to
+    /// reboot is restarted at once, a clean poweroff is final unless the policy
+    /// is `always`, and anything else is a
     /// failure, restarted by `always`/`on-failure` after a backoff that doubles up
     /// to `max_backoff`, until `max_restarts` within `window` makes it a crash loop.
     pub fn decide(&mut self, g: &Guest, exit: Exit, now: Instant) -> Decision {
@@ -116,7 +117,7 @@ impl RestartHistory {
         let clean = exit == Exit::Code(VMM_EXIT_POWEROFF);
         let reboot = exit == Exit::Code(VMM_EXIT_REBOOT);
         let restart = match r.policy {
-            RestartPolicy::Never => reboot,
+            RestartPolicy::Never => false,
             RestartPolicy::OnFailure => !clean,
             RestartPolicy::Always => true,
         };
@@ -440,7 +441,7 @@ mod tests {
         assert_eq!(h.decide(&guest("never"), Exit::Code(1), t), Decision::Stop);
         assert_eq!(
             h.decide(&guest("never"), Exit::Code(VMM_EXIT_REBOOT), t),
-            Decision::RestartNow
+            Decision::Stop
         );
     }
 }
