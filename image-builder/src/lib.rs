@@ -1,5 +1,6 @@
 //! keel-image: builds and inspects Keel appliance disk images.
 
+pub mod guest_initramfs;
 pub mod build;
 pub mod fat;
 pub mod flash;
