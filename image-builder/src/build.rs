@@ -36,6 +36,8 @@ pub struct ImageInputs {
     pub kernel: Vec<u8>,
     /// The initramfs (newc cpio, possibly compressed).
     pub initramfs: Vec<u8>,
+    /// zstd level to compress an uncompressed (newc) initramfs with; `None` keeps it as is.
+    pub initramfs_zstd_level: Option<i32>,
     /// systemd's `linuxx64.efi.stub`.
     pub efi_stub: Vec<u8>,
     /// systemd-boot (`systemd-bootx64.efi`).
@@ -91,6 +93,8 @@ pub enum BuildError {
     EspTooSmall { uki: u64, free: u64, need: u64 },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("compressing the initramfs with zstd: {0}")]
+    Compress(std::io::Error),
     #[error("{}: exists and is not a regular file; to write a device use `keel-image flash`", .0.display())]
     OutputNotAFile(PathBuf),
 }
@@ -120,6 +124,22 @@ pub fn uki_file_name(version: &str) -> String {
     format!("keel-{version}.efi")
 }
 
+/// The magic of an uncompressed newc cpio archive.
+const NEWC_MAGIC: &[u8] = b"070701";
+
+/// The initramfs as it goes into the UKI: an uncompressed newc archive is compressed with
+/// zstd when a level is given (single-threaded, so the bytes depend only on the input
+/// and level). The kernel recognizes the format by its magic; a compressed or other
+/// input is passed through.
+pub fn initramfs_payload(inputs: &ImageInputs) -> Result<std::borrow::Cow<'_, [u8]>, BuildError> {
+    match inputs.initramfs_zstd_level {
+        Some(level) if inputs.initramfs.starts_with(NEWC_MAGIC) => zstd::bulk::compress(&inputs.initramfs, level)
+            .map(std::borrow::Cow::Owned)
+            .map_err(BuildError::Compress),
+        _ => Ok(std::borrow::Cow::Borrowed(&inputs.initramfs)),
+    }
+}
+
 /// Assembles the UKI for `inputs`.
 pub fn assemble_uki(inputs: &ImageInputs) -> Result<Vec<u8>, BuildError> {
     uki::validate_version(&inputs.version).map_err(BuildError::Version)?;
@@ -128,13 +148,14 @@ pub fn assemble_uki(inputs: &ImageInputs) -> Result<Vec<u8>, BuildError> {
         return Err(BuildError::Cmdline("must be one non-empty line".into()));
     }
     let osrel = uki::os_release(&inputs.version);
+    let initramfs = initramfs_payload(inputs)?;
     Ok(uki::assemble(
         &inputs.efi_stub,
         &[
             (".osrel", osrel.as_bytes()),
             (".cmdline", cmdline.as_bytes()),
             (".linux", &inputs.kernel),
-            (".initrd", &inputs.initramfs),
+            (".initrd", &initramfs),
         ],
     )?)
 }
@@ -156,6 +177,11 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
     progress.set_message("assembling the UKI");
     let uki_bytes = assemble_uki(inputs)?;
     let uki_sha256 = sha256_hex(&uki_bytes);
+    tracing::debug!(
+        bytes = uki_bytes.len(),
+        ms = started.elapsed().as_millis(),
+        "UKI assembled"
+    );
     progress.inc(1);
 
     let seed = BuildSeed::from_inputs(&[
@@ -163,7 +189,9 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
         ("disk size", &inputs.disk_size.to_le_bytes()),
         ("timestamp", &inputs.timestamp.to_le_bytes()),
         ("config", &inputs.config_yaml),
-        ("uki", &uki_bytes),
+        // The UKI (kernel, initramfs, command line, os-release) by its hash: hashing
+        // 25+ MB twice would cost more than the rest of the seed.
+        ("uki sha256", uki_sha256.as_bytes()),
         ("systemd-boot", &inputs.systemd_boot),
     ]);
 
@@ -219,6 +247,7 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
             .map(|p| seed.uuid(&format!("partition {}", p.label))),
     };
     gpt_layout::write_gpt(&mut file, &layout, &ids)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "GPT written");
     progress.inc(1);
 
     progress.set_message("writing KEEL-ESP (FAT32)");
@@ -234,6 +263,7 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
     progress.inc(1);
     progress.set_message("writing KEEL-CONFIG (FAT32)");
     write_fat(&mut file, &layout.config, &seed, inputs.timestamp, &config)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "FAT volumes written");
     progress.inc(1);
 
     progress.set_message("syncing");
@@ -298,4 +328,53 @@ fn allocated_bytes(file: &std::fs::File) -> std::io::Result<u64> {
 #[cfg(not(unix))]
 fn allocated_bytes(file: &std::fs::File) -> std::io::Result<u64> {
     Ok(file.metadata()?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(initramfs: &[u8], level: Option<i32>) -> ImageInputs {
+        ImageInputs {
+            config_yaml: Vec::new(),
+            version: "1.0.0".into(),
+            cmdline: "quiet".into(),
+            kernel: Vec::new(),
+            initramfs: initramfs.to_vec(),
+            initramfs_zstd_level: level,
+            efi_stub: Vec::new(),
+            systemd_boot: Vec::new(),
+            disk_size: 0,
+            timestamp: 0,
+        }
+    }
+
+    #[test]
+    fn newc_initramfs_is_zstd_compressed_and_round_trips() {
+        let mut cpio = b"070701".to_vec();
+        cpio.extend(std::iter::repeat_n(b"0123456789abcdef".as_slice(), 4096).flatten());
+        let i = inputs(&cpio, Some(6));
+        let packed = initramfs_payload(&i).expect("compress").into_owned();
+        assert_eq!(&packed[..4], &[0x28, 0xb5, 0x2f, 0xfd], "a zstd frame");
+        assert!(packed.len() < cpio.len() / 10);
+        assert_eq!(zstd::bulk::decompress(&packed, cpio.len()).expect("decompress"), cpio);
+        assert_eq!(
+            initramfs_payload(&i).expect("again").as_ref(),
+            packed.as_slice(),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn other_initramfs_bytes_pass_through() {
+        let gz = [0x1f, 0x8b, 8, 0, 1, 2, 3];
+        assert_eq!(
+            initramfs_payload(&inputs(&gz, Some(6))).expect("as is").as_ref(),
+            gz.as_slice()
+        );
+        assert_eq!(
+            initramfs_payload(&inputs(b"070701xyz", None)).expect("as is").as_ref(),
+            b"070701xyz"
+        );
+    }
 }

@@ -160,6 +160,10 @@ struct BuildArgs {
     /// and --bin-dir are not used).
     #[arg(long)]
     initramfs: Option<PathBuf>,
+    /// zstd level for the initramfs (1-19; 0 stores it uncompressed). Higher is smaller
+    /// and slower to build; decompression at boot is fast at any level.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(0..=19))]
+    zstd_level: i32,
     /// Where systemd-boot and the UKI stub are (package systemd-boot-efi).
     #[arg(long, default_value = EFI_DIR)]
     efi_dir: PathBuf,
@@ -225,6 +229,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
     let bar = progress_bar(build::STEPS + 2, "{spinner} [{bar:24}] {pos}/{len} {msg}");
     bar.set_message("validating the config");
     let loaded = match keel_init::config::load_file(&args.config) {
@@ -279,7 +284,13 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
                 os_release: uki::os_release(&args.version),
                 mtime: u32::try_from(timestamp).unwrap_or(u32::MAX),
             };
-            spec.build().context("assembling the initramfs")?
+            let cpio = spec.build().context("assembling the initramfs")?;
+            tracing::debug!(
+                bytes = cpio.len(),
+                ms = started.elapsed().as_millis(),
+                "initramfs assembled"
+            );
+            cpio
         }
     };
     bar.inc(1);
@@ -293,6 +304,7 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| DEFAULT_CMDLINE.trim().to_owned()),
         kernel: read(&kernel_path, "host kernel")?,
         initramfs,
+        initramfs_zstd_level: (args.zstd_level > 0).then_some(args.zstd_level),
         efi_stub: read(
             &args.efi_dir.join("linuxx64.efi.stub"),
             "systemd EFI stub (package systemd-boot-efi)",
@@ -306,13 +318,15 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
     };
     let report = build::build_image(&inputs, &args.output, &bar)?;
     bar.finish_and_clear();
+    let total = started.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut json = serde_json::to_value(&report)?;
+        json["total_secs"] = serde_json::json!(total);
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!(
-            "built {} in {:.1} s: Keel {}, disk {} MiB (sparse, {:.1} MiB allocated), UKI {:.1} MiB sha256 {}",
+            "built {} in {total:.1} s: Keel {}, disk {} MiB (sparse, {:.1} MiB allocated), UKI {:.1} MiB sha256 {}",
             report.output.display(),
-            report.elapsed.as_secs_f64(),
             report.version,
             report.disk_size >> 20,
             report.allocated_bytes as f64 / 1048576.0,

@@ -270,17 +270,22 @@ pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
 /// one's-complement-style sum of the file with the checksum field taken as zero, plus
 /// the file length.
 pub fn pe_checksum(image: &[u8], checksum_offset: usize) -> u32 {
-    let mut sum: u64 = 0;
-    for (i, chunk) in image.chunks(2).enumerate() {
-        let at = i * 2;
-        if at == checksum_offset || at == checksum_offset + 2 {
-            continue;
-        }
-        let word = u16::from_le_bytes([chunk[0], chunk.get(1).copied().unwrap_or(0)]);
-        sum += u64::from(word);
+    let word = |at: usize| u64::from(u16::from_le_bytes([image[at], image.get(at + 1).copied().unwrap_or(0)]));
+    // Sum all 16-bit words without folding (a u64 cannot overflow for files under 4 GiB),
+    // take the checksum field's two words out, then fold the carries in.
+    let mut sum: u64 = image
+        .chunks_exact(2)
+        .map(|w| u64::from(u16::from_le_bytes([w[0], w[1]])))
+        .sum();
+    if image.len() % 2 == 1 {
+        sum += word(image.len() - 1);
+    }
+    if checksum_offset + 4 <= image.len() {
+        sum -= word(checksum_offset) + word(checksum_offset + 2);
+    }
+    while sum >> 16 != 0 {
         sum = (sum & 0xFFFF) + (sum >> 16);
     }
-    sum = (sum & 0xFFFF) + (sum >> 16);
     (sum as u32).wrapping_add(image.len() as u32)
 }
 
