@@ -33,7 +33,8 @@ pub struct HostInitramfs {
     /// Names of the modules to include (kernel-config/modules.list).
     pub modules_list: PathBuf,
     pub guest_kernel: PathBuf,
-    pub guest_initrd: Option<PathBuf>,
+    /// The guest initramfs for `initrd: default` (`guest_initramfs::build` makes Keel's).
+    pub guest_initrd: Vec<u8>,
     /// `.osrel` text of the image.
     pub os_release: String,
     /// mtime of every entry (seconds since 1970).
@@ -53,9 +54,7 @@ impl HostInitramfs {
         let names = read_modules_list(&self.modules_list)?;
         b.kernel_modules(&self.modules_dir, &names)?;
         b.host_file(DEFAULT_GUEST_KERNEL, &self.guest_kernel, 0o644)?;
-        if let Some(initrd) = &self.guest_initrd {
-            b.host_file(DEFAULT_GUEST_INITRD, initrd, 0o644)?;
-        }
+        b.file(DEFAULT_GUEST_INITRD, 0o644, self.guest_initrd.as_slice())?;
         b.file(OS_RELEASE, 0o644, self.os_release.as_bytes())?;
         b.build()
     }

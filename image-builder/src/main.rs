@@ -51,7 +51,7 @@ enum Command {
     Schema,
     /// Build a bootable appliance disk image from keel.yaml (no root needed).
     #[command(after_help = BUILD_HELP)]
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Show partitions, installed versions (with boot counters) and the config of an
     /// image or disk, and verify each UKI against its recorded sha256.
     #[command(
@@ -150,9 +150,12 @@ struct BuildArgs {
     /// Default guest kernel (for `kernel: default`).
     #[arg(long)]
     guest_kernel: Option<PathBuf>,
-    /// Default guest initramfs (for `initrd: default`).
+    /// Default guest initramfs (for `initrd: default`); Keel's busybox userland when not given.
     #[arg(long)]
     guest_initrd: Option<PathBuf>,
+    /// Static busybox for Keel's default guest initramfs (package busybox-static).
+    #[arg(long, default_value = keel_image::guest_initramfs::DEFAULT_BUSYBOX)]
+    busybox: PathBuf,
     /// Directory with static keel-init, keel-vmm and keelctl.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -181,7 +184,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { json, files } => return keel_image::validate::run(&files, json),
         Command::Schema => return keel_image::validate::print_schema(),
-        Command::Build(args) => cmd_build(args),
+        Command::Build(args) => cmd_build(*args),
         Command::Inspect { json, image } => cmd_inspect(&image, json),
         Command::Run {
             image,
@@ -275,14 +278,20 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
                     "no guest kernel: pass --guest-kernel PATH or set KEEL_GUEST_KERNEL (kernel-config/build-guest builds one)"
                 ),
             };
+            let mtime = u32::try_from(timestamp).unwrap_or(u32::MAX);
+            let guest_initrd = match &args.guest_initrd {
+                Some(path) => read(path, "guest initramfs")?,
+                None => keel_image::guest_initramfs::build(&args.busybox, mtime)
+                    .context("assembling the default guest initramfs")?,
+            };
             let spec = HostInitramfs {
                 bin_dir,
                 modules_dir: resolve_modules(args.modules.as_deref())?,
                 modules_list: args.modules_list.clone(),
                 guest_kernel,
-                guest_initrd: args.guest_initrd.clone(),
+                guest_initrd,
                 os_release: uki::os_release(&args.version),
-                mtime: u32::try_from(timestamp).unwrap_or(u32::MAX),
+                mtime,
             };
             let cpio = spec.build().context("assembling the initramfs")?;
             tracing::debug!(

@@ -694,3 +694,88 @@ fn run_prints_the_documented_qemu_invocation() {
         "the VARS template itself must never be written: {t}"
     );
 }
+
+#[test]
+fn default_build_assembles_the_host_initramfs_from_programs_modules_and_guest_files() {
+    require("cpio", "cpio");
+    require_file("/bin/busybox", "busybox-static");
+    let kernel_dir = std::fs::canonicalize("/var/cache/keel/kernels/linux-image-amd64")
+        .expect("Debian's host kernel in /var/cache/keel/kernels: run ci/setup");
+    let kver = std::fs::read_to_string(kernel_dir.join(".kernel-version")).expect(".kernel-version");
+    let fx = Fixture::new();
+    // Stand-ins for the static programs and the guest kernel: assembly is what is tested.
+    let bin = fx.path("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    for name in ["keel-init", "keel-vmm", "keelctl"] {
+        std::fs::write(bin.join(name), pattern(name, 4096)).expect("write");
+    }
+    let guest_kernel = fx.path("guest-bzImage");
+    std::fs::write(&guest_kernel, pattern("GUEST", 8192)).expect("write");
+    let image = fx.path("disk.img");
+    let o = run(Command::new(env!("CARGO_BIN_EXE_keel-image"))
+        .args(["build", "--size", SIZE, "--version", "1.0.0", "--json", "--config"])
+        .arg(minimal_config())
+        .arg("-o")
+        .arg(&image)
+        .arg("--kernel")
+        .arg(&fx.kernel)
+        .arg("--modules")
+        .arg(kernel_dir.join("lib/modules").join(kver.trim()))
+        .arg("--guest-kernel")
+        .arg(&guest_kernel)
+        .arg("--bin-dir")
+        .arg(&bin)
+        .env("SOURCE_DATE_EPOCH", EPOCH));
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("build --json");
+    eprintln!("build report: {report}");
+
+    let uki_bytes = read_fat_file(&fat(&image, "KEEL-ESP"), "EFI/Linux/keel-1.0.0.efi");
+    let packed = uki::section_data(&uki_bytes, ".initrd")
+        .expect("parse")
+        .expect(".initrd");
+    assert_eq!(
+        &packed[..4],
+        &[0x28, 0xb5, 0x2f, 0xfd],
+        "the initramfs is zstd-compressed"
+    );
+    let cpio = zstd::stream::decode_all(packed).expect("zstd");
+    assert!(cpio.starts_with(b"070701"), "a newc archive inside");
+    let mut child = Command::new("cpio")
+        .args(["-t", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cpio");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&cpio));
+    let listing = child.wait_with_output().expect("cpio -t");
+    writer.join().expect("writer").expect("write to cpio");
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let modules = format!("lib/modules/{}", kver.trim());
+    for path in [
+        "init".to_owned(),
+        "usr/bin/keel-vmm".into(),
+        "usr/bin/keelctl".into(),
+        "sbin/mke2fs".into(),
+        "sbin/e2fsck".into(),
+        "sbin/resize2fs".into(),
+        format!("{modules}/modules.keel"),
+        format!("{modules}/modules.dep"),
+        format!("{modules}/modules.alias"),
+        "usr/lib/keel/guest/bzImage".into(),
+        "usr/lib/keel/guest/initrd".into(),
+        "etc/os-release".into(),
+    ] {
+        assert!(
+            listing.lines().any(|l| l == path),
+            "{path} missing from the initramfs:\n{listing}"
+        );
+    }
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with(&modules) && l.ends_with("/kvm-amd.ko")),
+        "kvm-amd module"
+    );
+}
