@@ -757,6 +757,103 @@ mod tests {
         t.add_dir("EFI/Linux").expect("existing dir is fine");
     }
 
+    /// A tree with what trips FAT writers up: an empty file, a directory whose entries
+    /// span several clusters, long, Unicode, case-only-lossy and colliding 8.3 names, deep
+    /// nesting. fsck.fat must find nothing, and fatfs must read back every byte.
+    #[test]
+    fn written_volume_passes_fsck_and_reads_back() {
+        let mut tree = FatTree::new();
+        let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut add = |tree: &mut FatTree, path: String, data: Vec<u8>| {
+            tree.add_file(&path, data.clone()).expect("add");
+            expected.push((path, data));
+        };
+        add(&mut tree, "empty.txt".into(), Vec::new());
+        add(&mut tree, "README.TXT".into(), b"plain 8.3".to_vec());
+        add(&mut tree, "Grüße aus Köln.txt".into(), b"unicode".to_vec());
+        add(&mut tree, "a/b/c/d/e/deep file.bin".into(), vec![7; 5000]);
+        for i in 0..150 {
+            add(
+                &mut tree,
+                format!("many/keel-1.0.{i}+3-0.efi"),
+                format!("file {i}").into_bytes(),
+            );
+        }
+        tree.add_dir("empty-dir").expect("dir");
+        let size = 40u64 << 20;
+        let mut disk = std::io::Cursor::new(vec![0u8; size as usize]);
+        let params = VolumeParams {
+            size,
+            label: "TEST".into(),
+            volume_id: 0x1234_5678,
+            timestamp: 1_700_000_000,
+            hidden_sectors: 0,
+        };
+        let stats = write_volume(&mut disk, 0, &params, &tree).expect("write");
+        assert!(stats.used_clusters > 150);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vol.img");
+        std::fs::write(&path, disk.get_ref()).expect("write image");
+        let out = std::process::Command::new("fsck.vfat")
+            .args(["-n", "-v"])
+            .arg(&path)
+            .output()
+            .expect("fsck.vfat is missing: install dosfstools (ci/setup does)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "fsck.vfat: {text}");
+        assert!(
+            text.contains(&format!("{} files", expected.len() + 8)),
+            "file count (with 7 directories and the label): {text}"
+        );
+
+        disk.set_position(0);
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).expect("fatfs mounts it");
+        assert_eq!(fs.fat_type(), fatfs::FatType::Fat32);
+        assert_eq!(fs.volume_id(), 0x1234_5678);
+        for (path, data) in &expected {
+            let mut f = fs.root_dir().open_file(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut got).expect("read");
+            assert_eq!(&got, data, "{path}");
+        }
+        let names: Vec<String> = fs
+            .root_dir()
+            .open_dir("many")
+            .expect("many")
+            .iter()
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 152, "150 files plus . and ..");
+        assert!(names.contains(&"keel-1.0.149+3-0.efi".to_owned()));
+        let e = fs
+            .root_dir()
+            .iter()
+            .map(|e| e.expect("entry"))
+            .find(|e| e.file_name() == "README.TXT")
+            .expect("found");
+        assert_eq!(e.modified().date.year, 2023, "SOURCE_DATE_EPOCH 1700000000 is in 2023");
+    }
+
+    #[test]
+    fn full_volume_is_an_error() {
+        let mut tree = FatTree::new();
+        tree.add_file("big", vec![1; 40 << 20]).expect("add");
+        let size = 40u64 << 20;
+        let mut disk = std::io::Cursor::new(vec![0u8; size as usize]);
+        let params = VolumeParams {
+            size,
+            label: "X".into(),
+            volume_id: 1,
+            timestamp: 1_700_000_000,
+            hidden_sectors: 0,
+        };
+        assert!(matches!(
+            write_volume(&mut disk, 0, &params, &tree),
+            Err(FatError::Full { .. })
+        ));
+    }
+
     #[test]
     fn fat_time_encodes_utc() {
         // 2024-02-29 13:45:58 UTC

@@ -295,6 +295,9 @@ pub fn flash(image: &Path, target: &Path, progress: &ProgressBar) -> Result<Flas
     progress.set_message("syncing");
     dst.sync_all().map_err(io_err(target))?;
     let write_time = started.elapsed();
+    if checked.block_device {
+        reread_partition_table(&dst, target);
+    }
     let image_sha = hex::encode(hasher.finalize());
 
     // Read back from the device, not from the page cache we just filled.
@@ -331,6 +334,22 @@ pub fn flash(image: &Path, target: &Path, progress: &ProgressBar) -> Result<Flas
         write_secs: secs(write_time),
         verify_secs: secs(started.elapsed()),
     })
+}
+
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+
+/// Asks the kernel to read the new partition table, so the new partitions appear without
+/// replugging the disk. Failure is not fatal: the image is written either way.
+fn reread_partition_table(device: &File, path: &Path) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: BLKRRPART takes no argument and only acts on the block device behind the
+    // descriptor, which we hold open (exclusively) for the call.
+    if let Err(e) = unsafe { blkrrpart(device.as_raw_fd()) } {
+        tracing::warn!(
+            "{}: the kernel did not re-read the partition table ({e}); replug the disk or run `partprobe` to see the new partitions",
+            path.display()
+        );
+    }
 }
 
 fn secs(d: Duration) -> f64 {

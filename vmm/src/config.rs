@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::device_config::{DeviceConfigError, DiskConfig, MAX_VIRTIO_DEVICES, Mac, NetConfig};
 use crate::error::os_message;
 
 /// Smallest guest the boot layout fits in (page tables, boot_params, kernel at 1 MiB, initrd).
@@ -49,9 +50,19 @@ pub struct VmConfig {
     /// port 0x3f0.
     #[serde(default)]
     pub boot_timer: bool,
-    /// Grace period after SIGTERM's Ctrl-Alt-Del before the VM is stopped hard.
+    /// Grace period after SIGTERM (power button or Ctrl-Alt-Del) before the VM is
+    /// stopped hard.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_ms: u64,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces (eth0, eth1, ... in order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng entropy device.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 fn default_cmdline() -> String {
@@ -76,6 +87,9 @@ impl VmConfig {
             serial: SerialOutput::default(),
             boot_timer: false,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         }
     }
 
@@ -110,6 +124,16 @@ impl VmConfig {
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
+        for net in &self.nets {
+            net.validate()?;
         }
         check_readable_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
@@ -162,6 +186,10 @@ pub enum ConfigError {
         path: PathBuf,
         reason: String,
     },
+    #[error("{devices} virtio devices (disks + nets + rng): at most {MAX_VIRTIO_DEVICES} fit", devices = .0)]
+    TooManyDevices(usize),
+    #[error(transparent)]
+    Device(#[from] DeviceConfigError),
     #[error("config: {0}")]
     Json(String),
     #[error("config {}: {reason}", path.display())]

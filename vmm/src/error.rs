@@ -22,6 +22,9 @@ pub enum Error {
     KvmOpen(String),
     #[error("KVM: {what}: {reason}")]
     Kvm { what: &'static str, reason: String },
+    /// A virtio device's backend (disk file, tap) cannot be opened; the text names it.
+    #[error("{0}")]
+    Device(String),
     #[error("serial {target}: {reason}")]
     Serial { target: String, reason: String },
     #[error("{what}: {reason}")]

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
+use keel_vmm::config::{DiskConfig, NetConfig};
 use keel_vmm::{EXIT_ERROR, EXIT_USAGE, MemorySize, SerialOutput, Vm, VmConfig};
 
 const AFTER_HELP: &str = "\
@@ -22,11 +23,18 @@ Examples:
   #   {\"kernel\": \"/boot/vmlinuz\", \"initrd\": \"/boot/initrd\", \"cpus\": 2,
   #    \"memory\": \"512MiB\", \"serial\": \"unix:/run/keel/guest.sock\",
   #    \"cmdline\": \"console=ttyS0 reboot=k panic=1\", \"boot_timer\": false,
-  #    \"shutdown_timeout_ms\": 10000}
+  #    \"shutdown_timeout_ms\": 10000, \"rng\": true,
+  #    \"disks\": [{\"path\": \"root.img\", \"serial\": \"root\"}],
+  #    \"nets\": [{\"tap\": \"tap0\", \"mac\": \"52:54:00:12:34:56\"}]}
+
+Devices are virtio-mmio, announced both on the kernel command line
+(virtio_mmio.device=..., for kernels with VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI
+DSDT (LNRO0005, for distribution kernels): disks first (vda, vdb, ...), then nets, then rng.
 
 Console: with --serial stdio on a terminal, keys go to the guest; Ctrl-A x stops the VM.
-Signals: SIGTERM/SIGINT/SIGHUP type Ctrl-Alt-Del into the guest; if it has not stopped
-after --shutdown-timeout seconds (or on a second signal) the VM is stopped hard.
+Signals: SIGTERM/SIGINT/SIGHUP press the guest's ACPI power button when its OS listens
+to it (else type Ctrl-Alt-Del); if it has not stopped after --shutdown-timeout seconds
+(or on a second signal) the VM is stopped hard.
 
 Exit codes:
   0  the guest powered off or halted, or stopped after SIGTERM
@@ -64,7 +72,16 @@ struct Cli {
     /// port 0x3f0.
     #[arg(long)]
     boot_timer: bool,
-    /// Seconds the guest gets to stop after SIGTERM's Ctrl-Alt-Del [default: 10].
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,direct=on] (repeatable).
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A virtio-net interface: tap=NAME or fd=N, [,mac=52:54:00:12:34:56] (repeatable).
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_net)]
+    net: Vec<NetConfig>,
+    /// A virtio-rng entropy device fed by getrandom(2).
+    #[arg(long)]
+    rng: bool,
+    /// Seconds the guest gets to stop after SIGTERM's power button [default: 10].
     #[arg(long, value_name = "SECS")]
     shutdown_timeout: Option<f64>,
     /// Read the VM config from a JSON file; flags given as well override its fields.
@@ -92,6 +109,16 @@ impl Cli {
         }
         if let Some(initrd) = self.initrd {
             config.initrd = Some(initrd);
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
+}
+
         }
         if let Some(cmdline) = self.cmdline {
             config.cmdline = cmdline;
@@ -124,6 +151,12 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        // Devices on the command line come after those of the config file.
+        config.disks.extend(self.disk);
+        config.nets.extend(self.net);
+        if self.rng {
+            config.rng = true;
+        }
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });

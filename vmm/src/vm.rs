@@ -16,14 +16,16 @@ use crate::bus::{Bus, SharedDevice, lock};
 use crate::config::{SerialOutput, VmConfig};
 use crate::control::{ExitReason, VmControl};
 use crate::cpu::{msr, regs, vcpu};
-use crate::devices::acpi_pm::{AcpiPm, PM_BASE, PM_LEN};
+use crate::devices::acpi_pm::{AcpiPm, PM_BASE, PM_LEN, SCI_IRQ};
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BootTimer};
 use crate::devices::cmos::{CMOS_LEN, CMOS_PORT, Cmos};
 use crate::devices::i8042::{AUX_IRQ, I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
 use crate::devices::serial::{self, COM1_IRQ, COM1_LEN, COM1_PORT, RawTerminal, SerialDevice};
 use crate::devices::{IrqLine, sink::Sink};
 use crate::error::{Error, Result, errno_message, kvm_err, os_message};
+use crate::event_loop::EventLoop;
 use crate::memory::{self, GuestMemory};
+use crate::virtio::attach;
 
 /// POST code port; Linux also writes it as an I/O delay.
 const POST_PORT: u64 = 0x80;
@@ -48,6 +50,9 @@ pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<VmControl>,
+    /// The device thread's loop, started by `run` (None: no virtio devices).
+    event_loop: Option<EventLoop>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
@@ -66,11 +71,15 @@ impl Vm {
             Some(path) => Some(loader::load_initrd(&guest_memory, path, &kernel)?),
             None => None,
         };
-        let cmdline_len = loader::load_cmdline(&guest_memory, &config.cmdline, &kernel)?;
+        // Device backends (disk files, taps) are input too.
+        let virtio_devices = attach::open_all(config)?;
+        let slots: Vec<acpi::MmioDeviceInfo> = virtio_devices.iter().map(|d| d.info).collect();
+        let cmdline = attach::cmdline_with_devices(&config.cmdline, &slots);
+        let cmdline_len = loader::load_cmdline(&guest_memory, &cmdline, &kernel)?;
         // Both CPU tables: the MP table for kernels without ACPI, ACPI for kernels
         // without MP table parsing.
         mptable::write(&guest_memory, config.cpus)?;
-        let rsdp = acpi::write(&guest_memory, config.cpus)?;
+        let rsdp = acpi::write(&guest_memory, config.cpus, &slots)?;
         params::write_boot_params(
             &guest_memory,
             &kernel,
@@ -96,6 +105,7 @@ impl Vm {
             (Cap::SetTssAddr, "TSS address"),
         ] {
             if !kvm.check_extension(cap) {
+            (Cap::Ioeventfd, "ioeventfd"),
                 return Err(Error::Kvm {
                     what: "capability check",
                     reason: format!("this KVM lacks {name}"),
@@ -129,6 +139,12 @@ impl Vm {
 
         let t = Instant::now();
         let supported_cpuid = kvm
+        let mut mmio = Bus::new();
+        let mut event_loop = EventLoop::new().map_err(|e| Error::Io {
+            what: "creating the device event loop",
+            reason: os_message(&e),
+        })?;
+        attach::attach(&vm_fd, &guest_memory, virtio_devices, &mut mmio, &mut event_loop)?;
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| crate::cpu::CpuError::SupportedCpuid(errno_message(&e)))?;
         let supported_msrs = msr::supported(&kvm)?;
@@ -155,20 +171,29 @@ impl Vm {
             _kvm: kvm,
             _memory: guest_memory,
             pio: Arc::new(devices.pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             control,
             i8042: devices.i8042,
             serial: devices.serial,
             serial_input: devices.serial_input,
+            event_loop: (!event_loop.is_empty()).then_some(event_loop),
+            acpi_pm: devices.acpi_pm,
         })
     }
 
     /// Runs the guest until it powers off, reboots, fails or is stopped by a signal.
     ///
-    /// SIGTERM, SIGINT and SIGHUP are taken over while the VM runs: the first one types
-    /// Ctrl-Alt-Del into the guest and starts the shutdown grace period; a second one,
-    /// or the end of the grace period, stops the VM hard. Never returns
-    /// `Ok(ExitReason::Error(_))`: guest failures come back as `Err(Error::Guest)`.
+    /// SIGTERM, SIGINT and SIGHUP are taken over while the VM runs: the first one asks
+    /// the guest to shut down and starts the grace period; a second one, or the end of
+    /// the grace period, stops the VM hard. Never returns `Ok(ExitReason::Error(_))`:
+    /// guest failures come back as `Err(Error::Guest)`.
+    ///
+    /// How the guest is asked: if its OS enabled the ACPI power button (PWRBTN_EN; Linux
+    /// does when its button driver is loaded), the button is pressed, which a systemd or
+    /// acpid guest turns into a clean poweroff. Otherwise (no ACPI, no button driver, a
+    /// tiny test guest) Ctrl-Alt-Del is typed on the i8042, which Linux's init handles.
+    /// Only one of the two is sent: Ctrl-Alt-Del means *reboot* to systemd, and a
+    /// guest that rebooted instead of powering off would look like a restart request.
     pub fn run(mut self) -> Result<ExitReason> {
         vcpu::install_kick_handler()?;
         let signals = SignalGuard::block_stop_signals()?;
@@ -188,6 +213,14 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             match vcpu::spawn(v, ctx.clone()) {
                 Ok(handle) => threads.push(handle),
+        // Devices run before any vCPU can notify them.
+        let device_thread = match self.event_loop.take() {
+            Some(l) => Some(l.spawn(self.control.clone()).map_err(|e| Error::Io {
+                what: "starting the device thread",
+                reason: os_message(&e),
+            })?),
+            None => None,
+        };
                 Err(e) => {
                     spawn_error = Some(os_message(&e));
                     break;
@@ -254,6 +287,10 @@ impl Vm {
                     revents: 0,
                 },
             ];
+        // No vCPU runs any more: nothing can notify a device.
+        if let Some(t) = device_thread {
+            t.stop();
+        }
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
             if ready < 0 {
@@ -276,8 +313,18 @@ impl Vm {
                     self.control.request_exit(ExitReason::Killed);
                     return true;
                 }
-                tracing::info!("signal {signo}: sending Ctrl-Alt-Del, stopping hard in {:?}", grace);
-                lock(&self.i8042).inject_ctrl_alt_del();
+                let mut pm = lock(&self.acpi_pm);
+                if pm.power_button_armed() {
+                    tracing::info!("signal {signo}: pressing the ACPI power button, stopping hard in {grace:?}");
+                    pm.press_power_button();
+                } else {
+                    tracing::info!(
+                        "signal {signo}: guest has no ACPI power button handler, sending Ctrl-Alt-Del; \
+                         stopping hard in {grace:?}"
+                    );
+                    lock(&self.i8042).inject_ctrl_alt_del();
+                }
+                drop(pm);
                 deadline = Some(Instant::now() + grace);
             }
             if let Some(d) = deadline
@@ -382,6 +429,7 @@ impl Devices {
             what: "building the I/O bus",
             reason: e.to_string(),
         };
+    acpi_pm: Arc<Mutex<AcpiPm>>,
         pio.insert("serial", COM1_PORT, COM1_LEN, serial.clone())
             .map_err(bus_err)?;
         pio.insert("i8042", I8042_PORT, I8042_LEN, i8042.clone())
@@ -390,13 +438,9 @@ impl Devices {
             .map_err(bus_err)?;
         pio.insert("boot-timer", BOOT_TIMER_PORT, 1, boot_timer)
             .map_err(bus_err)?;
-        pio.insert(
-            "acpi-pm",
-            u64::from(PM_BASE),
-            PM_LEN,
-            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
-        )
-        .map_err(bus_err)?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(control.clone(), irq(u32::from(SCI_IRQ))?)));
+        pio.insert("acpi-pm", u64::from(PM_BASE), PM_LEN, acpi_pm.clone())
+            .map_err(bus_err)?;
         pio.insert("post", POST_PORT, 1, Arc::new(Mutex::new(Sink)))
             .map_err(bus_err)?;
         Ok(Devices {
@@ -444,6 +488,7 @@ impl SignalGuard {
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Ok(SignalGuard { fd, old_mask })
     }
+            acpi_pm,
 
     fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -1,18 +1,24 @@
-//! Minimal ACPI tables: RSDP → XSDT → FADT (→ DSDT) and MADT.
+//! ACPI tables: RSDP → XSDT → FADT (→ FACS, DSDT) and MADT.
 //!
 //! Kernels built without `CONFIG_X86_MPPARSE` (Debian's cloud kernel is one) ignore the
 //! MP table and find CPUs only through the MADT; without it they boot one vCPU whatever
-//! the VM has. The FADT declares a hardware-reduced platform (no PM timer, no SCI, no
-//! The FADT declares a full (not hardware-reduced) platform: a hardware-reduced one
-//! makes Linux drop the legacy PIC and the ISA IRQs, and then the 8250, i8042 and RTC
-//! drivers cannot get their interrupts (no PNP devices describe them). So it points at
-//! the PM1a registers of [`crate::devices::acpi_pm`], an SCI on IRQ 9 and a FACS, and
-//! announces the i8042 (Ctrl-Alt-Del) and the CMOS century register. The DSDT is empty
-//! for now; device descriptions (virtio-mmio) and `_S5` (poweroff) go there later.
+//! the VM has. The FADT declares a full (not hardware-reduced) platform: a
+//! hardware-reduced one makes Linux drop the legacy PIC and the ISA IRQs, and then the
+//! 8250, i8042 and RTC drivers cannot get their interrupts. So it points at the PM1a
+//! registers of [`crate::devices::acpi_pm`], an SCI on IRQ 9 and a FACS, announces the
+//! i8042 (Ctrl-Alt-Del) and the CMOS century register, and has a fixed-feature power
+//! button (PWRBTN_STS/EN in PM1), which `keel-vmm` presses on SIGTERM.
+//!
+//! The DSDT (AML built with rust-vmm's `acpi_tables`) describes what a distribution
+//! kernel cannot probe: COM1 (`PNP0501`), every virtio-mmio device (`LNRO0005`, the ID
+//! Linux's virtio_mmio driver matches, with its register window and interrupt in
+//! `_CRS`), and `\_S5` so `poweroff` ends the VM through PM1a_CNT.SLP_EN.
 //!
 //! Tables sit in the BIOS area at [`ACPI_ADDR`] (where Linux also scans for the RSDP)
 //! and boot_params.acpi_rsdp_addr points at the RSDP directly.
 
+use acpi_tables::Aml;
+use acpi_tables::aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
@@ -32,7 +38,6 @@ const HEADER_LEN: usize = 36;
 
 // FADT flags and IA-PC boot architecture flags.
 const FADT_WBINVD: u32 = 1 << 0;
-const FADT_PWR_BUTTON: u32 = 1 << 4; // set = no fixed power button
 const FADT_SLP_BUTTON: u32 = 1 << 5; // set = no fixed sleep button
 /// C2/C3 latencies above these limits mean "not supported".
 const P_LVL2_UNSUPPORTED: u16 = 101;
@@ -77,8 +82,70 @@ fn checksum(data: &[u8]) -> u8 {
     data.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
-fn dsdt() -> Vec<u8> {
-    table(b"DSDT", 2, &[])
+/// A virtio-mmio device as the guest must be told about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDeviceInfo {
+    pub addr: u64,
+    pub len: u64,
+    pub irq: u32,
+}
+
+/// `_SB.COM1`: the 8250 at 0x3f8, IRQ 4, so pnpacpi binds the serial driver to it.
+fn com1_device(bytes: &mut Vec<u8>) {
+    use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
+    let io = aml::IO::new(COM1_PORT as u16, COM1_PORT as u16, 1, COM1_LEN as u8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::EISAName::new("PNP0501");
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(bytes);
+}
+
+/// `_SB.VRnn`: one virtio-mmio device. Edge-triggered, active-high: the VMM pulses the
+/// line through an irqfd.
+fn virtio_device(bytes: &mut Vec<u8>, index: usize, dev: &MmioDeviceInfo) {
+    let name = format!("VR{index:02X}");
+    let mem = aml::Memory32Fixed::new(true, dev.addr as u32, dev.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, dev.irq);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let uid = index as u32;
+    aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(bytes);
+}
+
+/// The DSDT's AML: `\_S5` and the `\_SB` devices.
+pub fn dsdt_aml(devices: &[MmioDeviceInfo]) -> Vec<u8> {
+    let mut sb = Vec::new();
+    com1_device(&mut sb);
+    for (i, dev) in devices.iter().enumerate() {
+        virtio_device(&mut sb, i, dev);
+    }
+    let mut body = Vec::new();
+    // SLP_TYPa = 5 for S5; the PM device powers off on any SLP_EN, as S5 is the only
+    // sleep state it has.
+    let s5 = aml::Package::new(vec![&5u8, &5u8, &aml::ZERO, &aml::ZERO]);
+    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    body.extend(aml::Scope::raw("\\_SB_".into(), sb));
+    body
+}
+
+fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
+    table(b"DSDT", 2, &dsdt_aml(devices))
 }
 
 /// Firmware ACPI Control Structure: no checksum, 64-byte aligned, no waking vector.
@@ -124,7 +191,8 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         109,
         &(IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED).to_le_bytes(),
     );
-    put(112, &(FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON).to_le_bytes());
+    // PWR_BUTTON clear: the power button is the fixed-feature one in PM1.
+    put(112, &(FADT_WBINVD | FADT_SLP_BUTTON).to_le_bytes());
     put(131, &[0]); // FADT minor version
     put(140, &dsdt_addr.to_le_bytes()); // X_DSDT
     put(268, b"KEELVMM\0"); // hypervisor vendor identity
@@ -173,12 +241,12 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 
 /// All tables laid out from `base` (64-byte aligned), FACS first, then the RSDP at
 /// [`RSDP_OFFSET`]; returns the bytes.
-pub fn build(cpus: u8, base: u64) -> Vec<u8> {
+pub fn build(cpus: u8, devices: &[MmioDeviceInfo], base: u64) -> Vec<u8> {
     let align = |n: usize| n.div_ceil(16) * 16;
     let facs_addr = base; // 64-byte aligned, as the FACS must be
     let rsdp_addr = facs_addr + FACS_LEN as u64;
     let dsdt_addr = rsdp_addr + align(36) as u64;
-    let dsdt = dsdt();
+    let dsdt = dsdt(devices);
     let fadt_addr = dsdt_addr + align(dsdt.len()) as u64;
     let fadt = fadt(dsdt_addr, facs_addr);
     let madt_addr = fadt_addr + align(fadt.len()) as u64;
@@ -202,8 +270,8 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
 }
 
 /// Writes the tables; returns the RSDP address for boot_params.
-pub fn write(mem: &GuestMemory, cpus: u8) -> Result<u64, BootError> {
-    let bytes = build(cpus, ACPI_ADDR);
+pub fn write(mem: &GuestMemory, cpus: u8, devices: &[MmioDeviceInfo]) -> Result<u64, BootError> {
+    let bytes = build(cpus, devices, ACPI_ADDR);
     if ACPI_ADDR + bytes.len() as u64 > ACPI_AREA_END {
         return Err(BootError::GuestWrite("ACPI tables this large"));
     }
@@ -233,7 +301,7 @@ mod tests {
     #[test]
     fn tables_link_up_and_checksum() {
         let base = ACPI_ADDR;
-        let all = build(4, base);
+        let all = build(4, &[], base);
         let at = |addr: u64| &all[(addr - base) as usize..];
         let rsdp = at(base + RSDP_OFFSET);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -280,6 +348,13 @@ mod tests {
 
     #[test]
     fn thirty_two_vcpus_fit() {
-        assert!(ACPI_ADDR + build(32, ACPI_ADDR).len() as u64 <= ACPI_AREA_END);
+        let devices: Vec<MmioDeviceInfo> = (0..16)
+            .map(|i| MmioDeviceInfo {
+                addr: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                irq: 16 + i as u32,
+            })
+            .collect();
+        assert!(ACPI_ADDR + build(32, &devices, ACPI_ADDR).len() as u64 <= ACPI_AREA_END);
     }
 }

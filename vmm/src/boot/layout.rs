@@ -31,3 +31,11 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Highest initrd address a kernel without a setup header is assumed to accept.
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// virtio-mmio windows: one 4 KiB page per device from here, inside the MMIO gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt lines of virtio devices, in device order. IOAPIC pins 16-23 first (free of
+/// any legacy meaning; the MP table routes them for kernels without ACPI), then the ISA
+/// IRQs no emulated device uses (COM1 4, i8042 1/12, RTC 8, SCI 9, PIT 0 stay theirs).
+pub const VIRTIO_IRQS: [u32; 16] = [16, 17, 18, 19, 20, 21, 22, 23, 5, 6, 7, 10, 11, 14, 15, 3];
+/// IOAPIC pins above the ISA range that the MP table describes.
+pub const IOAPIC_EXTRA_PINS: std::ops::RangeInclusive<u8> = 16..=23;

@@ -9,7 +9,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
-use super::layout::{IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_ADDR};
+use super::layout::{IOAPIC_ADDR, IOAPIC_EXTRA_PINS, LAPIC_ADDR, MPTABLE_ADDR};
 use crate::memory::{EBDA_START, GuestMemory};
 
 const SPEC_REV_1_4: u8 = 4;
@@ -66,6 +66,14 @@ pub fn build(cpus: u8, base: u64) -> Vec<u8> {
         entries.push(INT_TYPE_INT);
         entries.extend(INT_FLAGS_CONFORMING.to_le_bytes());
         entries.extend([ISA_BUS_ID, irq, ioapic_id, irq]);
+        count += 1;
+    }
+    // IOAPIC pins 16-23 (virtio-mmio devices): without an entry Linux never maps them.
+    for pin in IOAPIC_EXTRA_PINS {
+        entries.push(ENTRY_IO_INTERRUPT);
+        entries.push(INT_TYPE_INT);
+        entries.extend(INT_FLAGS_CONFORMING.to_le_bytes());
+        entries.extend([ISA_BUS_ID, pin, ioapic_id, pin]);
         count += 1;
     }
     // LINT0 = ExtINT (the PIC), LINT1 = NMI, on every LAPIC; matches the LVT setup.
@@ -148,7 +156,7 @@ mod tests {
             assert_eq!(len, table.len());
             assert_eq!(sum(table), 0, "config table checksum");
             let count = u16::from_le_bytes([table[34], table[35]]);
-            assert_eq!(count, cpus as u16 + 1 + 1 + 16 + 2);
+            assert_eq!(count, cpus as u16 + 1 + 1 + 16 + 8 + 2);
             // Processor entries come first, APIC IDs in order, only CPU 0 is the BSP.
             for cpu in 0..cpus as usize {
                 let e = &table[HEADER_LEN + cpu * 20..];

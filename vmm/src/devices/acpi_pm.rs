@@ -6,45 +6,85 @@
 //! system is always in ACPI mode (SCI_EN reads 1, there is no SMI command port). A
 //! sleep request (SLP_EN) can only mean S5 here, as no other sleep state exists, so it
 //! powers the VM off.
+//!
+//! The fixed-feature power button lives here too: pressing it sets PWRBTN_STS and, when
+//! the guest enabled PWRBTN_EN (Linux's ACPI button driver does), raises the SCI. The
+//! guest acknowledges by writing 1 to the status bit.
 
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::control::{ExitReason, VmControl};
+use crate::devices::IrqLine;
 
 /// Base I/O port: PM1a_EVT_BLK (status, enable) then PM1a_CNT_BLK.
 pub const PM_BASE: u16 = 0x600;
 pub const PM1_EVT_LEN: u8 = 4;
 pub const PM1_CNT_LEN: u8 = 2;
 pub const PM_LEN: u64 = (PM1_EVT_LEN + PM1_CNT_LEN) as u64;
-/// The SCI's ISA IRQ (never raised: no fixed or general-purpose events exist).
+/// The SCI's ISA IRQ (raised for the power button).
 pub const SCI_IRQ: u16 = 9;
 
+const OFFSET_STATUS: u64 = 0;
 const OFFSET_ENABLE: u64 = 2;
+/// PM1 status/enable bit of the fixed-feature power button.
+pub const PWRBTN: u16 = 1 << 8;
 const OFFSET_CONTROL: u64 = 4;
 const SCI_EN: u16 = 1;
 const SLP_EN: u16 = 1 << 13;
 
 pub struct AcpiPm {
+    status: u16,
     enable: u16,
     control: u16,
     vm: Arc<VmControl>,
+    sci: IrqLine,
 }
 
 impl AcpiPm {
-    pub fn new(vm: Arc<VmControl>) -> Self {
+    pub fn new(vm: Arc<VmControl>, sci: IrqLine) -> Self {
         AcpiPm {
+            status: 0,
             enable: 0,
             control: SCI_EN,
             vm,
+            sci,
         }
+    }
+
+    pub fn sci(&self) -> &IrqLine {
+        &self.sci
+    }
+
+    /// True when the guest's OS listens to the power button (it set PWRBTN_EN).
+    pub fn power_button_armed(&self) -> bool {
+        self.enable & PWRBTN != 0
+    }
+
+    /// Presses the power button: PWRBTN_STS is set, and the SCI raised if enabled.
+    /// Returns whether the guest had it enabled.
+    pub fn press_power_button(&mut self) -> bool {
+        self.status |= PWRBTN;
+        self.update_sci()
+    }
+
+    /// Raises the SCI while an enabled event is pending. Returns whether it did.
+    fn update_sci(&self) -> bool {
+        if self.status & self.enable == 0 {
+            return false;
+        }
+        if let Err(e) = self.sci.pulse() {
+            tracing::warn!("ACPI SCI: {e}");
+        }
+        true
     }
 
     fn register(&self, offset: u64) -> u16 {
         match offset {
+            OFFSET_STATUS => self.status,
             OFFSET_ENABLE => self.enable,
             OFFSET_CONTROL => self.control | SCI_EN,
-            _ => 0, // status: no events ever pending
+            _ => 0,
         }
     }
 }
@@ -66,7 +106,13 @@ impl BusDevice for AcpiPm {
             let mask = !(0xffu16 << shift);
             let value = u16::from(byte) << shift;
             match at & !1 {
-                OFFSET_ENABLE => self.enable = (self.enable & mask) | value,
+                // Write one to clear.
+                OFFSET_STATUS => self.status &= !value,
+                OFFSET_ENABLE => {
+                    self.enable = (self.enable & mask) | value;
+                    // An event that was pending before it was enabled fires now.
+                    self.update_sci();
+                }
                 OFFSET_CONTROL => {
                     self.control = (self.control & mask) | value;
                     if self.control & SLP_EN != 0 {
@@ -75,7 +121,7 @@ impl BusDevice for AcpiPm {
                         self.vm.request_exit(ExitReason::PowerOff);
                     }
                 }
-                _ => {} // status is write-one-to-clear; nothing is ever set
+                _ => {}
             }
         }
     }
@@ -88,7 +134,7 @@ mod tests {
     #[test]
     fn sci_enabled_and_sleep_powers_off() {
         let vm = Arc::new(VmControl::new().unwrap());
-        let mut pm = AcpiPm::new(vm.clone());
+        let mut pm = AcpiPm::new(vm.clone(), IrqLine::new(9).unwrap());
         let mut word = [0u8; 2];
         pm.read(OFFSET_CONTROL, &mut word);
         assert_eq!(u16::from_le_bytes(word) & SCI_EN, SCI_EN);
@@ -98,5 +144,28 @@ mod tests {
         assert!(!vm.is_stopping());
         pm.write(OFFSET_CONTROL, &(SLP_EN | (5 << 10)).to_le_bytes());
         assert_eq!(vm.reason(), Some(ExitReason::PowerOff));
+    }
+
+    #[test]
+    fn power_button_raises_sci_only_when_enabled() {
+        let vm = Arc::new(VmControl::new().unwrap());
+        let mut pm = AcpiPm::new(vm.clone(), IrqLine::new(9).unwrap());
+        assert!(!pm.power_button_armed());
+        assert!(!pm.press_power_button(), "not enabled yet");
+        assert!(pm.sci().eventfd().read().is_err(), "no SCI");
+        let mut word = [0u8; 2];
+        pm.read(OFFSET_STATUS, &mut word);
+        assert_eq!(u16::from_le_bytes(word), PWRBTN, "status set anyway");
+        // Enabling with the event pending raises the SCI at once.
+        pm.write(OFFSET_ENABLE, &PWRBTN.to_le_bytes());
+        assert!(pm.power_button_armed());
+        assert_eq!(pm.sci().eventfd().read().unwrap(), 1);
+        // The guest acknowledges (write one to clear); the next press raises it again.
+        pm.write(OFFSET_STATUS, &PWRBTN.to_le_bytes());
+        pm.read(OFFSET_STATUS, &mut word);
+        assert_eq!(u16::from_le_bytes(word), 0);
+        assert!(pm.press_power_button());
+        assert_eq!(pm.sci().eventfd().read().unwrap(), 1);
+        assert!(!vm.is_stopping());
     }
 }
