@@ -1,10 +1,10 @@
 //! keel-image: builds and inspects Keel appliance disk images.
 
-pub mod guest_initramfs;
 pub mod build;
 pub mod fat;
 pub mod flash;
 pub mod gpt_layout;
+pub mod guest_initramfs;
 pub mod host_initramfs;
 pub mod identity;
 pub mod initramfs;
