@@ -55,8 +55,7 @@ impl Archive {
             parent.push_str(component);
             match self.entries.get(&parent) {
                 None => {
-                    self.entries
-                        .insert(parent.clone(), Entry::Dir { mode: 0o755 });
+                    self.entries.insert(parent.clone(), Entry::Dir { mode: 0o755 });
                 }
                 Some(Entry::Dir { .. }) => {}
                 Some(_) => {
@@ -94,8 +93,7 @@ impl Archive {
     pub fn write_to(&self, mut out: impl Write, mtime: u32) -> io::Result<()> {
         for (index, (path, entry)) in self.entries.iter().enumerate() {
             // Inode 0 is avoided; u32 wraps only past 4 billion entries.
-            let ino = u32::try_from(index + 1)
-                .map_err(|_| io::Error::other("more than 2^32 cpio entries"))?;
+            let ino = u32::try_from(index + 1).map_err(|_| io::Error::other("more than 2^32 cpio entries"))?;
             let (mode, nlink, data): (u32, u32, &[u8]) = match entry {
                 Entry::Dir { mode } => (S_IFDIR | (mode & 0o7777), 2, &[]),
                 Entry::File { mode, data } => (S_IFREG | (mode & 0o7777), 1, data),
@@ -122,17 +120,13 @@ fn normalize(path: &str) -> Result<String, InitramfsError> {
         match part {
             "" | "." => {}
             ".." => {
-                return Err(InitramfsError::BadPath {
-                    path: path.to_owned(),
-                });
+                return Err(InitramfsError::BadPath { path: path.to_owned() });
             }
             p => parts.push(p),
         }
     }
     if parts.is_empty() || path.contains('\0') {
-        return Err(InitramfsError::BadPath {
-            path: path.to_owned(),
-        });
+        return Err(InitramfsError::BadPath { path: path.to_owned() });
     }
     Ok(parts.join("/"))
 }
@@ -193,21 +187,12 @@ mod tests {
             let header = std::str::from_utf8(&bytes[pos..pos + 110]).unwrap();
             assert_eq!(&header[..6], "070701", "bad magic at {pos}");
             let field = |i: usize| u32::from_str_radix(&header[6 + 8 * i..14 + 8 * i], 16).unwrap();
-            let (ino, mode, mtime, size, namesize) = (
-                field(0),
-                field(1),
-                field(5),
-                field(6) as usize,
-                field(11) as usize,
-            );
+            let (ino, mode, mtime, size, namesize) =
+                (field(0), field(1), field(5), field(6) as usize, field(11) as usize);
             let name = std::str::from_utf8(&bytes[pos + 110..pos + 110 + namesize - 1])
                 .unwrap()
                 .to_owned();
-            assert_eq!(
-                bytes[pos + 110 + namesize - 1],
-                0,
-                "name of {name} not NUL-terminated"
-            );
+            assert_eq!(bytes[pos + 110 + namesize - 1], 0, "name of {name} not NUL-terminated");
             pos += 110 + namesize;
             pos += pad4(pos);
             let data = bytes[pos..pos + size].to_vec();
@@ -242,10 +227,7 @@ mod tests {
         .unwrap();
         let parsed = parse(&a.to_bytes(1_700_000_000).unwrap());
         let names: Vec<_> = parsed.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(
-            names,
-            ["bin", "bin/sh", "init", "usr", "usr/bin", "usr/bin/tool"]
-        );
+        assert_eq!(names, ["bin", "bin/sh", "init", "usr", "usr/bin", "usr/bin/tool"]);
         let inos: Vec<_> = parsed.iter().map(|e| e.2).collect();
         assert_eq!(inos, [1, 2, 3, 4, 5, 6]);
         assert!(parsed.iter().all(|e| e.3 == 1_700_000_000));
@@ -280,8 +262,7 @@ mod tests {
     fn every_entry_is_aligned_to_four_bytes() {
         for len in 0..9 {
             let mut a = Archive::default();
-            a.insert(&"n".repeat(len + 1), file(&vec![7u8; len]))
-                .unwrap();
+            a.insert(&"n".repeat(len + 1), file(&vec![7u8; len])).unwrap();
             let bytes = a.to_bytes(0).unwrap();
             assert_eq!(bytes.len() % 4, 0);
             assert_eq!(parse(&bytes)[0].4, vec![7u8; len]);
@@ -310,10 +291,7 @@ mod tests {
         assert_eq!(a.get("/lib"), Some(&Entry::Dir { mode: 0o700 }));
         for bad in ["", "/", "a/../b", "..", "a\0b"] {
             assert!(
-                matches!(
-                    a.insert(bad, file(b"")),
-                    Err(InitramfsError::BadPath { .. })
-                ),
+                matches!(a.insert(bad, file(b"")), Err(InitramfsError::BadPath { .. })),
                 "{bad:?}"
             );
         }
@@ -333,36 +311,17 @@ mod tests {
             },
         )
         .unwrap();
-        a.insert(
-            "bin/link",
-            Entry::Symlink {
-                target: "run".into(),
-            },
-        )
-        .unwrap();
+        a.insert("bin/link", Entry::Symlink { target: "run".into() }).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("cpio")
-            .args([
-                "-i",
-                "--make-directories",
-                "--quiet",
-                "--no-absolute-filenames",
-            ])
+            .args(["-i", "--make-directories", "--quiet", "--no-absolute-filenames"])
             .current_dir(dir.path())
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("cpio not found: run ci/setup (Debian package cpio)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(&a.to_bytes(0).unwrap())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(&a.to_bytes(0).unwrap()).unwrap();
         assert!(child.wait().unwrap().success());
-        assert_eq!(
-            std::fs::read(dir.path().join("etc/hello")).unwrap(),
-            b"hello\n"
-        );
+        assert_eq!(std::fs::read(dir.path().join("etc/hello")).unwrap(), b"hello\n");
         assert_eq!(
             std::fs::read_link(dir.path().join("bin/link")).unwrap(),
             std::path::Path::new("run")

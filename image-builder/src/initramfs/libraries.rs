@@ -49,24 +49,13 @@ fn parse_elf(path: &Path, data: &[u8]) -> Result<ElfDeps, InitramfsError> {
     let header = FileHeader64::<Endianness>::parse(data).map_err(|e| bad(e.to_string()))?;
     let endian = header.endian().map_err(|e| bad(e.to_string()))?;
     let mut deps = ElfDeps::default();
-    for ph in header
-        .program_headers(endian, data)
-        .map_err(|e| bad(e.to_string()))?
-    {
-        if let Some(interp) = ph
-            .interpreter(endian, data)
-            .map_err(|e| bad(e.to_string()))?
-        {
+    for ph in header.program_headers(endian, data).map_err(|e| bad(e.to_string()))? {
+        if let Some(interp) = ph.interpreter(endian, data).map_err(|e| bad(e.to_string()))? {
             deps.interpreter = Some(String::from_utf8_lossy(interp).into_owned());
         }
     }
-    let sections = header
-        .sections(endian, data)
-        .map_err(|e| bad(e.to_string()))?;
-    if let Some((dynamics, strings_index)) = sections
-        .dynamic(endian, data)
-        .map_err(|e| bad(e.to_string()))?
-    {
+    let sections = header.sections(endian, data).map_err(|e| bad(e.to_string()))?;
+    if let Some((dynamics, strings_index)) = sections.dynamic(endian, data).map_err(|e| bad(e.to_string()))? {
         let strings = sections
             .strings(endian, data, strings_index)
             .map_err(|e| bad(e.to_string()))?;
@@ -79,17 +68,12 @@ fn parse_elf(path: &Path, data: &[u8]) -> Result<ElfDeps, InitramfsError> {
                 continue;
             }
             let value =
-                String::from_utf8_lossy(d.string(endian, strings).map_err(|e| bad(e.to_string()))?)
-                    .into_owned();
+                String::from_utf8_lossy(d.string(endian, strings).map_err(|e| bad(e.to_string()))?).into_owned();
             if tag == DT_NEEDED {
                 deps.needed.push(value);
             } else {
-                deps.search_path.extend(
-                    value
-                        .split(':')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned),
-                );
+                deps.search_path
+                    .extend(value.split(':').filter(|s| !s.is_empty()).map(str::to_owned));
             }
         }
     }
@@ -204,10 +188,7 @@ mod tests {
             "/lib/x86_64-linux-gnu/libc.so.6",
             "/lib/x86_64-linux-gnu/libext2fs.so.2",
         ] {
-            assert!(
-                libs.iter().any(|l| l == want),
-                "{want} missing from {libs:?}"
-            );
+            assert!(libs.iter().any(|l| l == want), "{want} missing from {libs:?}");
         }
     }
 
@@ -232,13 +213,7 @@ mod tests {
             .needed_by("/bin/mke2fs")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("libext2fs.so.2 (needed by /bin/mke2fs)"),
-            "{err}"
-        );
-        assert!(
-            err.contains("/lib64/ld-linux-x86-64.so.2 (interpreter"),
-            "{err}"
-        );
+        assert!(err.contains("libext2fs.so.2 (needed by /bin/mke2fs)"), "{err}");
+        assert!(err.contains("/lib64/ld-linux-x86-64.so.2 (interpreter"), "{err}");
     }
 }

@@ -37,24 +37,16 @@ pub use modules::{Module, ModuleTree, Resolved};
 /// Everything that can go wrong while assembling an initramfs.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
-    #[error(
-        "initramfs path {path:?} is empty or leaves the root (`..`); use an absolute path like /bin/tool"
-    )]
+    #[error("initramfs path {path:?} is empty or leaves the root (`..`); use an absolute path like /bin/tool")]
     BadPath { path: String },
     #[error("initramfs path {path} is added twice with different content or type")]
     Conflict { path: String },
     #[error("initramfs path {path} is a file, but something is being placed inside it")]
     NotADirectory { path: String },
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is larger than the 4 GiB a newc cpio entry can hold")]
     TooLarge { path: String },
     #[error("kernel modules directory {dir}: {reason}")]
@@ -62,18 +54,11 @@ pub enum InitramfsError {
     #[error("unknown kernel module(s) {} in {dir}: not a module, alias or built-in of this kernel; fix the name in kernel-config/modules.list", names.join(", "))]
     UnknownModules { names: Vec<String>, dir: PathBuf },
     #[error("{path}:{line}: {reason}")]
-    BadModulesList {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
+    BadModulesList { path: PathBuf, line: usize, reason: String },
     #[error("{path}: not a usable ELF program: {reason}")]
     BadElf { path: PathBuf, reason: String },
     #[error("{program} needs libraries that were not found: {}", missing.join(", "))]
-    MissingLibraries {
-        program: String,
-        missing: Vec<String>,
-    },
+    MissingLibraries { program: String, missing: Vec<String> },
     #[error("SOURCE_DATE_EPOCH={value:?} is not a number of seconds between 0 and 4294967295")]
     BadSourceDateEpoch { value: String },
 }
@@ -104,29 +89,17 @@ impl Builder {
     }
 
     /// Adds a regular file with the given content and permission bits.
-    pub fn file(
-        &mut self,
-        path: &str,
-        mode: u32,
-        data: impl Into<Vec<u8>>,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Result<&mut Self, InitramfsError> {
         let data = data.into();
         if u32::try_from(data.len()).is_err() {
-            return Err(InitramfsError::TooLarge {
-                path: path.to_owned(),
-            });
+            return Err(InitramfsError::TooLarge { path: path.to_owned() });
         }
         self.archive.insert(path, Entry::File { mode, data })?;
         Ok(self)
     }
 
     /// Adds a copy of the host file `host` (symlinks followed) at `path`.
-    pub fn host_file(
-        &mut self,
-        path: &str,
-        host: &Path,
-        mode: u32,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn host_file(&mut self, path: &str, host: &Path, mode: u32) -> Result<&mut Self, InitramfsError> {
         let data = fs::read(host).map_err(|source| InitramfsError::Read {
             path: host.to_owned(),
             source,
@@ -185,16 +158,8 @@ impl Builder {
                 0o644,
             )?;
         }
-        self.file(
-            &format!("{base}/{}", modules::LOAD_LIST),
-            0o644,
-            resolved.load_list(),
-        )?;
-        self.file(
-            &format!("{base}/modules.dep"),
-            0o644,
-            tree.dep_file_for(&resolved),
-        )?;
+        self.file(&format!("{base}/{}", modules::LOAD_LIST), 0o644, resolved.load_list())?;
+        self.file(&format!("{base}/modules.dep"), 0o644, tree.dep_file_for(&resolved))?;
         for index in ["modules.alias", "modules.builtin"] {
             let host = modules_dir.join(index);
             if host.exists() {
@@ -251,9 +216,7 @@ fn parse_modules_list(path: &Path, text: &str) -> Result<Vec<String>, InitramfsE
             return Err(InitramfsError::BadModulesList {
                 path: path.to_owned(),
                 line: index + 1,
-                reason: format!(
-                    "{line:?} is not one module name (write one name per line, e.g. kvm_amd)"
-                ),
+                reason: format!("{line:?} is not one module name (write one name per line, e.g. kvm_amd)"),
             });
         }
         names.push(line.to_owned());
@@ -267,9 +230,7 @@ fn source_date_epoch(value: Option<&str>) -> Result<u32, InitramfsError> {
         Some(v) => v
             .trim()
             .parse()
-            .map_err(|_| InitramfsError::BadSourceDateEpoch {
-                value: v.to_owned(),
-            }),
+            .map_err(|_| InitramfsError::BadSourceDateEpoch { value: v.to_owned() }),
     }
 }
 
@@ -280,10 +241,7 @@ mod tests {
     #[test]
     fn source_date_epoch_parsing() {
         assert_eq!(source_date_epoch(None).unwrap(), 0);
-        assert_eq!(
-            source_date_epoch(Some("1700000000")).unwrap(),
-            1_700_000_000
-        );
+        assert_eq!(source_date_epoch(Some("1700000000")).unwrap(), 1_700_000_000);
         assert!(
             source_date_epoch(Some("yesterday"))
                 .unwrap_err()
@@ -296,15 +254,9 @@ mod tests {
     #[test]
     fn modules_list_parsing() {
         let p = Path::new("modules.list");
-        let names = parse_modules_list(
-            p,
-            "# comment\nkvm_amd\n\n  bridge  # trailing\nnls_iso8859-1\n",
-        )
-        .unwrap();
+        let names = parse_modules_list(p, "# comment\nkvm_amd\n\n  bridge  # trailing\nnls_iso8859-1\n").unwrap();
         assert_eq!(names, ["kvm_amd", "bridge", "nls_iso8859-1"]);
-        let err = parse_modules_list(p, "kvm\nkvm amd\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse_modules_list(p, "kvm\nkvm amd\n").unwrap_err().to_string();
         assert!(err.starts_with("modules.list:2: "), "{err}");
     }
 
@@ -313,12 +265,7 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new("cpio")
-            .args([
-                "-i",
-                "--make-directories",
-                "--quiet",
-                "--no-absolute-filenames",
-            ])
+            .args(["-i", "--make-directories", "--quiet", "--no-absolute-filenames"])
             .current_dir(dir.path())
             .stdin(std::process::Stdio::piped())
             .spawn()
@@ -352,10 +299,7 @@ mod tests {
             "mke2fs -V in chroot failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("mke2fs"),
-            "{out:?}"
-        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("mke2fs"), "{out:?}");
     }
 
     fn nix_is_root() -> bool {
@@ -382,36 +326,19 @@ mod tests {
 
         let mut b = Builder::with_mtime(0);
         let resolved = b.kernel_modules(&modules_dir, &names).unwrap();
-        let order: Vec<&str> = resolved
-            .load_order
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect();
+        let order: Vec<&str> = resolved.load_order.iter().map(|m| m.name.as_str()).collect();
         let pos = |n: &str| {
             order
                 .iter()
                 .position(|m| *m == n)
                 .unwrap_or_else(|| panic!("{n} not in {order:?}"))
         };
-        assert!(
-            pos("irqbypass") < pos("kvm")
-                && pos("kvm") < pos("kvm_amd")
-                && pos("kvm") < pos("kvm_intel")
-        );
-        assert!(
-            pos("jbd2") < pos("ext4")
-                && pos("mbcache") < pos("ext4")
-                && pos("crc32c_generic") < pos("ext4")
-        );
-        assert!(
-            pos("fat") < pos("vfat")
-                && pos("nf_tables") < pos("nft_masq")
-                && pos("llc") < pos("bridge")
-        );
+        assert!(pos("irqbypass") < pos("kvm") && pos("kvm") < pos("kvm_amd") && pos("kvm") < pos("kvm_intel"));
+        assert!(pos("jbd2") < pos("ext4") && pos("mbcache") < pos("ext4") && pos("crc32c_generic") < pos("ext4"));
+        assert!(pos("fat") < pos("vfat") && pos("nf_tables") < pos("nft_masq") && pos("llc") < pos("bridge"));
         for name in &names {
             assert!(
-                order.contains(&modules::canonical_name(name).as_str())
-                    || resolved.builtin.contains(name),
+                order.contains(&modules::canonical_name(name).as_str()) || resolved.builtin.contains(name),
                 "{name}"
             );
         }
@@ -424,16 +351,8 @@ mod tests {
                 m.path
             );
         }
-        for index in [
-            "modules.keel",
-            "modules.dep",
-            "modules.alias",
-            "modules.builtin",
-        ] {
-            assert!(
-                paths.contains(&format!("{base}/{index}").as_str()),
-                "{index} missing"
-            );
+        for index in ["modules.keel", "modules.dep", "modules.alias", "modules.builtin"] {
+            assert!(paths.contains(&format!("{base}/{index}").as_str()), "{index} missing");
         }
     }
 

@@ -55,9 +55,8 @@ pub struct Resolved {
 impl Resolved {
     /// The text of `modules.keel`.
     pub fn load_list(&self) -> String {
-        let mut out = String::from(
-            "# keel load list: <module name> <path relative to this directory>, dependencies first\n",
-        );
+        let mut out =
+            String::from("# keel load list: <module name> <path relative to this directory>, dependencies first\n");
         for m in &self.load_order {
             out.push_str(&format!("{} {}\n", m.name, m.path));
         }
@@ -108,17 +107,11 @@ impl ModuleTree {
             let path = dir.join(name);
             match fs::read_to_string(&path) {
                 Ok(text) => Ok(text),
-                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                    Ok(String::new())
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(InitramfsError::BadModulesDir {
-                        dir: dir.to_owned(),
-                        reason: format!(
-                            "{name} is missing; run `depmod -b <root> {kernel_version}` on the unpacked tree"
-                        ),
-                    })
-                }
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(InitramfsError::BadModulesDir {
+                    dir: dir.to_owned(),
+                    reason: format!("{name} is missing; run `depmod -b <root> {kernel_version}` on the unpacked tree"),
+                }),
                 Err(source) => Err(InitramfsError::Read { path, source }),
             }
         };
@@ -130,10 +123,7 @@ impl ModuleTree {
                 continue;
             };
             let path = relative(path, &kernel_version);
-            let deps = deps
-                .split_whitespace()
-                .map(|d| relative(d, &kernel_version))
-                .collect();
+            let deps = deps.split_whitespace().map(|d| relative(d, &kernel_version)).collect();
             let name = name_of_path(&path);
             by_path.insert(path.clone(), name.clone());
             modules.insert(name, (path, deps));
@@ -148,9 +138,7 @@ impl ModuleTree {
             .filter_map(|l| {
                 let mut words = l.split_whitespace();
                 match (words.next(), words.next(), words.next()) {
-                    (Some("alias"), Some(pattern), Some(module)) => {
-                        Some((pattern.to_owned(), canonical_name(module)))
-                    }
+                    (Some("alias"), Some(pattern), Some(module)) => Some((pattern.to_owned(), canonical_name(module))),
                     _ => None,
                 }
             })
@@ -296,10 +284,7 @@ impl ModuleTree {
 /// depmod may write absolute paths (`/lib/modules/<kver>/kernel/...`); keep them relative.
 fn relative(path: &str, kernel_version: &str) -> String {
     let prefix = format!("/lib/modules/{kernel_version}/");
-    path.trim()
-        .strip_prefix(&prefix)
-        .unwrap_or(path.trim())
-        .to_owned()
+    path.trim().strip_prefix(&prefix).unwrap_or(path.trim()).to_owned()
 }
 
 /// fnmatch(3)-style matching of `*`, `?` and `[...]` (with `!`/`^` negation and ranges),
@@ -311,12 +296,7 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
         Some(b'?') => !text.is_empty() && glob_match(&pattern[1..], &text[1..]),
         Some(b'[') => {
             let Some(&c) = text.first() else { return false };
-            let Some(close) = pattern
-                .iter()
-                .skip(2)
-                .position(|&b| b == b']')
-                .map(|p| p + 2)
-            else {
+            let Some(close) = pattern.iter().skip(2).position(|&b| b == b']').map(|p| p + 2) else {
                 return c == b'[' && glob_match(&pattern[1..], &text[1..]);
             };
             let mut set = &pattern[1..close];
@@ -366,13 +346,13 @@ mod tests {
              kernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko\n",
         )
         .unwrap();
-        fs::write(dir.join("modules.softdep"), "# Soft dependencies\nsoftdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n").unwrap();
-        fs::write(dir.join("modules.alias"), "alias crypto-crc32c crc32c_generic\nalias fs-vfat vfat\nalias pci:v00001AF4d00001000sv*sd*bc*sc*i* virtio_net\n").unwrap();
         fs::write(
-            dir.join("modules.builtin"),
-            "kernel/drivers/virtio/virtio.ko\n",
+            dir.join("modules.softdep"),
+            "# Soft dependencies\nsoftdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c\n",
         )
         .unwrap();
+        fs::write(dir.join("modules.alias"), "alias crypto-crc32c crc32c_generic\nalias fs-vfat vfat\nalias pci:v00001AF4d00001000sv*sd*bc*sc*i* virtio_net\n").unwrap();
+        fs::write(dir.join("modules.builtin"), "kernel/drivers/virtio/virtio.ko\n").unwrap();
         let tree = ModuleTree::open(&dir).unwrap();
         (root, tree)
     }
@@ -394,10 +374,7 @@ mod tests {
     fn soft_dependencies_resolve_through_aliases() {
         let (_root, t) = tree();
         let r = t.resolve(&["ext4"]).unwrap();
-        assert_eq!(
-            names(&r),
-            ["crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]
-        );
+        assert_eq!(names(&r), ["crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]);
     }
 
     #[test]
@@ -453,14 +430,8 @@ mod tests {
 
     #[test]
     fn glob_patterns() {
-        assert!(glob_match(
-            b"pci:v00001AF4d*sv*",
-            b"pci:v00001AF4d00001000sv0"
-        ));
-        assert!(!glob_match(
-            b"pci:v00001AF4d*sv*",
-            b"pci:v00008086d00001000sv0"
-        ));
+        assert!(glob_match(b"pci:v00001AF4d*sv*", b"pci:v00001AF4d00001000sv0"));
+        assert!(!glob_match(b"pci:v00001AF4d*sv*", b"pci:v00008086d00001000sv0"));
         assert!(glob_match(b"a?c", b"abc") && !glob_match(b"a?c", b"ac"));
         assert!(glob_match(b"x[0-9]y", b"x5y") && !glob_match(b"x[!0-9]y", b"x5y"));
         assert!(glob_match(b"*", b"") && !glob_match(b"", b"a"));

@@ -72,12 +72,7 @@ impl Console {
 
     /// Reads lines until one contains `needle`, which it returns; fails after `timeout` or
     /// when the console closes. Lines containing any of `fatal` fail the stage at once.
-    pub fn expect(
-        &mut self,
-        needle: &str,
-        fatal: &[&str],
-        timeout: Duration,
-    ) -> Result<String, StageFailure> {
+    pub fn expect(&mut self, needle: &str, fatal: &[&str], timeout: Duration) -> Result<String, StageFailure> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -92,9 +87,7 @@ impl Console {
                         return Ok(line);
                     }
                     if let Some(f) = fatal.iter().find(|f| line.contains(**f)) {
-                        return Err(StageFailure(format!(
-                            "saw {f:?} while waiting for {needle:?}"
-                        )));
+                        return Err(StageFailure(format!("saw {f:?} while waiting for {needle:?}")));
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -169,12 +162,7 @@ impl Report {
     }
 
     /// Records one stage's outcome and prints it with the time since QEMU started.
-    pub fn stage<T>(
-        &mut self,
-        console: &Console,
-        stage: &str,
-        result: Result<T, StageFailure>,
-    ) -> Option<T> {
+    pub fn stage<T>(&mut self, console: &Console, stage: &str, result: Result<T, StageFailure>) -> Option<T> {
         let at = console.elapsed().as_secs_f64();
         match result {
             Ok(value) => {
@@ -194,6 +182,23 @@ impl Report {
         }
     }
 
+    /// Records a check that involves no console (e.g. a command's exit status).
+    #[allow(dead_code)] // used by e2e_image, not by e2e_vmm (each test includes this file)
+    pub fn check(&mut self, stage: &str, result: Result<(), String>) -> bool {
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                println!("{}: PASS {stage}", self.name);
+                true
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("{}: FAIL {stage}: {why}", self.name);
+                false
+            }
+        }
+    }
+
     /// Counts stages that were never reached because an earlier one failed.
     pub fn skipped_as_failed(&mut self, stages: &[&str]) {
         for stage in stages {
@@ -204,10 +209,7 @@ impl Report {
 
     /// Prints the closing line; true when everything passed.
     pub fn finish(&self) -> bool {
-        println!(
-            "{}: {} passed, {} failed",
-            self.name, self.passed, self.failed
-        );
+        println!("{}: {} passed, {} failed", self.name, self.passed, self.failed);
         self.failed == 0 && self.passed > 0
     }
 }

@@ -64,11 +64,9 @@ pub fn build_boot_timer(dir: &Path) -> Result<PathBuf, String> {
 
 /// Adds busybox at /bin/busybox with the applets the test scripts use.
 pub fn add_busybox(b: &mut Builder, busybox: &Path) -> Result<(), String> {
-    b.host_file("/bin/busybox", busybox, 0o755)
-        .map_err(|e| e.to_string())?;
+    b.host_file("/bin/busybox", busybox, 0o755).map_err(|e| e.to_string())?;
     for applet in [
-        "sh", "mount", "grep", "echo", "cat", "reboot", "poweroff", "insmod", "uname", "sleep",
-        "ls", "dmesg",
+        "sh", "mount", "grep", "echo", "cat", "reboot", "poweroff", "insmod", "uname", "sleep", "ls", "dmesg",
     ] {
         b.symlink(&format!("/bin/{applet}"), "busybox")
             .map_err(|e| e.to_string())?;
@@ -85,7 +83,6 @@ pub fn guest_initramfs(busybox: &Path, boot_timer: &Path) -> Result<Vec<u8>, Str
     add_busybox(&mut b, busybox)?;
     b.host_file("/bin/boot-timer", boot_timer, 0o755)
         .map_err(|e| e.to_string())?;
-    b.file("/init", 0o755, GUEST_INIT)
-        .map_err(|e| e.to_string())?;
+    b.file("/init", 0o755, GUEST_INIT).map_err(|e| e.to_string())?;
     b.build().map_err(|e| e.to_string())
 }
