@@ -4,3 +4,5 @@
 //! `keel-image` (which validates before it builds) use it.
 
 pub mod config;
+pub mod net;
+pub mod storage;

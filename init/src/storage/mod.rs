@@ -1,0 +1,158 @@
+//! Storage: the KEEL-DATA partition, pools and volumes.
+//!
+//! [`prepare_data`] finds, formats (first boot), grows (flashed to a bigger
+//! disk) and mounts KEEL-DATA. [`reconcile`] then makes every declared pool a
+//! directory and every guest disk a volume file in it. Volumes are only ever
+//! created or grown, never shrunk or deleted by Keel: a guest that disappears
+//! from the config leaves its data where it was.
+
+pub mod datafs;
+pub mod pool;
+pub mod volume;
+
+use std::path::{Path, PathBuf};
+
+pub use datafs::{DataFs, DataOptions, prepare_data};
+pub use volume::volume_path;
+
+use crate::config::{Config, PoolPath};
+
+/// Everything a storage error can be; each names the pool, volume or device.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{}: {op}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error(
+        "volume {volume} in pool {pool} needs {} but only {} is free on the data partition; free space or declare a smaller size",
+        human(*needed),
+        human(*available)
+    )]
+    NoSpace {
+        pool: String,
+        volume: String,
+        needed: u64,
+        available: u64,
+    },
+    #[error(
+        "volume {volume} does not fit pool {pool}'s cap of {}: the pool's volumes already allocate {} and this one needs {}; raise the pool's `size` or declare a smaller volume",
+        human(*cap),
+        human(*allocated),
+        human(*needed)
+    )]
+    PoolCap {
+        pool: String,
+        volume: String,
+        cap: u64,
+        allocated: u64,
+        needed: u64,
+    },
+    #[error("volume {volume}: source {source_file} does not exist in pool {pool}; copy the image there first", source_file = source_path.display())]
+    SourceMissing {
+        volume: String,
+        pool: String,
+        source_path: PathBuf,
+    },
+    #[error("volume {volume}: source image is {} but the volume is declared {}; declare at least the image's size", human(*source_len), human(*size))]
+    SourceTooLarge { volume: String, source_len: u64, size: u64 },
+    #[error("volume {volume}: {} exists and is not a regular file; move it away", path.display())]
+    NotAFile { volume: String, path: PathBuf },
+    #[error("volume {volume} refers to pool {pool}, which is not declared or not available")]
+    NoPool { volume: String, pool: String },
+    #[error("data partition {label}: {message}")]
+    DataPartition { label: String, message: String },
+    #[error("{command}: {message}")]
+    Command { command: String, message: String },
+}
+
+/// Sizes in operator units: exact binary units when they divide, else MiB with decimals.
+pub fn human(bytes: u64) -> String {
+    let b = crate::config::ByteSize(bytes);
+    let exact = b.to_string();
+    if !exact.ends_with('B') || exact.ends_with("iB") || bytes < 1024 {
+        return exact;
+    }
+    format!("{:.1}MiB ({bytes} bytes)", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Which part of storage an [`Item`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Pool,
+    Volume,
+}
+
+#[derive(Debug)]
+pub struct Item {
+    pub kind: Kind,
+    /// The pool name, or the volume as POOL/NAME.
+    pub name: String,
+    pub result: Result<String, StorageError>,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub items: Vec<Item>,
+}
+
+impl Report {
+    fn push(&mut self, kind: Kind, name: &str, result: Result<String, StorageError>) {
+        match &result {
+            Ok(m) => tracing::info!(?kind, name, "{m}"),
+            Err(e) => tracing::error!(?kind, name, "{e}"),
+        }
+        self.items.push(Item {
+            kind,
+            name: name.to_owned(),
+            result,
+        });
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.items.iter().all(|i| i.result.is_ok())
+    }
+
+    pub fn errors(&self) -> impl Iterator<Item = &Item> {
+        self.items.iter().filter(|i| i.result.is_err())
+    }
+
+    /// Whether volume `v` is ready (guests using it can start).
+    pub fn volume_ok(&self, v: &PoolPath) -> bool {
+        let name = v.to_string();
+        self.items
+            .iter()
+            .any(|i| i.kind == Kind::Volume && i.name == name && i.result.is_ok())
+    }
+}
+
+/// Makes the declared pools and every guest's volumes exist under `data_root`.
+/// Idempotent; each pool and volume is reported on its own, and a failure in one
+/// does not stop the others.
+pub fn reconcile(cfg: &Config, data_root: &Path) -> Report {
+    let mut report = Report::default();
+    let mut ready = Vec::new();
+    for p in &cfg.storage.pools {
+        let r = pool::ensure(data_root, p);
+        if r.is_ok() {
+            ready.push(p.name.value.clone());
+        }
+        report.push(Kind::Pool, &p.name, r);
+    }
+    for spec in volume::declared(cfg) {
+        let name = spec.volume.to_string();
+        let r = if ready.contains(&spec.volume.pool) {
+            let pool = cfg.storage.pools.iter().find(|p| p.name.value == spec.volume.pool);
+            volume::ensure(data_root, pool.and_then(|p| p.size.as_ref().map(|s| s.bytes())), &spec)
+        } else {
+            Err(StorageError::NoPool {
+                volume: name.clone(),
+                pool: spec.volume.pool.clone(),
+            })
+        };
+        report.push(Kind::Volume, &name, r);
+    }
+    report
+}
