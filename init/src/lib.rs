@@ -6,3 +6,4 @@
 pub mod config;
 pub mod net;
 pub mod storage;
+pub mod update;

@@ -1,0 +1,173 @@
+//! Over-the-air updates: signed bundles, A/B slots with systemd-boot's boot
+//! counting, health-gated blessing, rollback (DESIGN.md "A/B updates").
+//!
+//! - [`bundle`]: the bundle format and its verification (also used by keel-image);
+//! - [`slots`]: the UKIs on the ESP, their names and systemd-boot's order;
+//! - [`install`]: verify a streamed bundle and write `keel-<v>+3.efi`, power-safe;
+//! - [`health`]: when a boot is healthy, and when a trial boot is given up;
+//! - [`bless`]: bless the booted entry, prune old versions;
+//! - [`rollback`]: make the previous version boot next.
+//!
+//! [`Agent`] ties them to one appliance (its ESP, efivarfs, version and keys)
+//! and serializes the operations that change the ESP.
+
+pub mod bless;
+pub mod bundle;
+pub mod health;
+pub mod install;
+pub mod rollback;
+pub mod slots;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use ed25519_dalek::VerifyingKey;
+use serde::Serialize;
+
+pub use bless::{BlessError, BlessReport};
+pub use bundle::{BundleError, Manifest};
+pub use install::{InstallError, Installed, apply_stream};
+pub use rollback::{RollbackError, RolledBack};
+
+/// The update keys inside the initramfs (from `update.trusted_keys` at build time).
+/// Read only from here: never from KEEL-CONFIG, which is writable.
+pub const TRUSTED_KEYS_FILE: &str = "/etc/keel/trusted_keys";
+
+/// A file-system error with the path it happened on.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct FsError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl FsError {
+    pub fn new(path: &Path, source: std::io::Error) -> Self {
+        Self {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Renames `from` to `to` inside `dir` and makes the rename durable.
+pub(crate) fn rename_durably(dir: &Path, from: &str, to: &str) -> Result<(), FsError> {
+    let to_path = dir.join(to);
+    std::fs::rename(dir.join(from), &to_path).map_err(|e| FsError::new(&to_path, e))?;
+    sync_dir(dir)
+}
+
+/// fsync of a directory: makes renames and removals in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), FsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FsError::new(dir, e))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{TRUSTED_KEYS_FILE}: {0}")]
+    TrustedKeys(String),
+}
+
+/// One installed version as `keelctl host` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotStatus {
+    #[serde(flatten)]
+    pub slot: slots::Slot,
+    pub state: slots::SlotState,
+    pub running: bool,
+    /// systemd-boot boots this one next.
+    pub boots_next: bool,
+}
+
+/// The update agent of one appliance.
+#[derive(Debug)]
+pub struct Agent {
+    pub esp: PathBuf,
+    pub efivars: PathBuf,
+    pub running_version: String,
+    pub trusted_keys: Vec<VerifyingKey>,
+    /// Held by every operation that changes the ESP.
+    lock: Mutex<()>,
+}
+
+impl Agent {
+    pub fn new(esp: PathBuf, efivars: PathBuf, running_version: String, trusted_keys: Vec<VerifyingKey>) -> Self {
+        Self {
+            esp,
+            efivars,
+            running_version,
+            trusted_keys,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// The agent of the running appliance: the ESP mounted read-write at `esp`
+    /// (`layout::ESP_MOUNT`), efivarfs at its usual place, keys from
+    /// [`TRUSTED_KEYS_FILE`] (a missing file means no keys: every bundle is refused).
+    pub fn for_this_system(esp: PathBuf, running_version: String) -> Result<Self, AgentError> {
+        let keys = match std::fs::read_to_string(TRUSTED_KEYS_FILE) {
+            Ok(text) => bundle::parse_trusted_keys(&text).map_err(|e| AgentError::TrustedKeys(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(AgentError::TrustedKeys(e.to_string())),
+        };
+        Ok(Self::new(esp, PathBuf::from(bless::EFIVARS_DIR), running_version, keys))
+    }
+
+    fn guard(&self) -> MutexGuard<'_, ()> {
+        // A panic while holding it leaves nothing half-done that the next
+        // operation could not handle (it re-reads the ESP), so poison is ignored.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Verifies and installs a bundle read from `reader` (see [`install`]).
+    pub fn apply(
+        &self,
+        reader: impl Read,
+        allow_downgrade: bool,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Installed, InstallError> {
+        let _g = self.guard();
+        let target = install::Target {
+            esp: &self.esp,
+            running_version: &self.running_version,
+            allow_downgrade,
+        };
+        install::apply_stream_with_progress(reader, &self.trusted_keys, target, progress)
+    }
+
+    /// Whether systemd-boot counted this boot (false also without efivarfs).
+    pub fn on_trial(&self) -> bool {
+        bless::on_trial(&self.efivars).unwrap_or(false)
+    }
+
+    /// Blesses the running entry and prunes; call when [`health::Action::Bless`].
+    pub fn bless(&self) -> Result<BlessReport, BlessError> {
+        let _g = self.guard();
+        bless::bless_and_prune(&self.esp, &self.efivars, &self.running_version)
+    }
+
+    pub fn rollback(&self) -> Result<RolledBack, RollbackError> {
+        let _g = self.guard();
+        rollback::rollback(&self.esp, &self.running_version)
+    }
+
+    /// The installed versions in boot order.
+    pub fn status(&self) -> Result<Vec<SlotStatus>, FsError> {
+        let all = slots::list(&self.esp).map_err(|e| FsError::new(&self.esp.join(slots::EFI_LINUX), e))?;
+        Ok(all
+            .into_iter()
+            .enumerate()
+            .map(|(i, slot)| SlotStatus {
+                state: slot.name.state(),
+                running: slot.name.version == self.running_version,
+                boots_next: i == 0,
+                slot,
+            })
+            .collect())
+    }
+}
