@@ -24,7 +24,16 @@ pub async fn ensure(rtnl: &Rtnl, parent: &Link, id: u16) -> io::Result<Link> {
             ));
         }
     } else {
-        rtnl.create_vlan(&want, parent.index, id).await?;
+        rtnl.create_vlan(&want, parent.index, id).await.map_err(|e| {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                io::Error::new(
+                    e.kind(),
+                    format!("{e}: this kernel has no 802.1Q VLAN support (CONFIG_VLAN_8021Q, module 8021q)"),
+                )
+            } else {
+                e
+            }
+        })?;
     }
     let link = rtnl
         .link(&want)

@@ -450,6 +450,10 @@ pub fn grow_partition_table(disk: &Path, number: u32, label: &str) -> Result<Opt
     }
     gdisk.update_partitions(parts).map_err(gerr)?;
     gdisk.write_inplace().map_err(gerr)?;
+    // Keep the protective MBR's size in step (its partition record only).
+    let pmbr = gpt::mbr::ProtectiveMBR::with_lb_size((total - 1).min(u64::from(u32::MAX)) as u32);
+    pmbr.update_conservative(gdisk.device_mut())
+        .map_err(|e| part_err(label, format!("{}: protective MBR: {e}", disk.display())))?;
     Ok(Some((old, new)))
 }
 

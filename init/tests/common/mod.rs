@@ -31,7 +31,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test process uses: tag + pid + counter.
 pub fn unique(tag: &str) -> String {
-    format!("keeltest-{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "keeltest-{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A network namespace, deleted (with the processes started in it) on drop.
@@ -128,11 +132,29 @@ impl Netns {
     }
 
     /// The nftables ruleset as JSON with rule/chain/table handles removed (they
-    /// are allocation counters, new on every table replacement).
+    /// are allocation counters, new on every table replacement) and counter
+    /// values removed (a replaced table starts counting from zero).
     pub fn nft_ruleset(&self) -> serde_json::Value {
         let out = self.exec_ok(&["nft", "-j", "list", "ruleset"]);
         let mut v: serde_json::Value = serde_json::from_str(&out).expect("nft -j is JSON");
-        strip_keys(&mut v, &["handle", "metainfo"]);
+        strip_keys(&mut v, &["handle", "metainfo", "packets", "bytes"]);
+        // Tables list in creation order, and a replaced table is a new one:
+        // order entries by table, keeping the order inside each table.
+        if let Some(items) = v["nftables"].as_array_mut() {
+            items.sort_by_key(|e| {
+                let body = e
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .cloned()
+                    .unwrap_or_default();
+                let table = if e.get("table").is_some() {
+                    body["name"].clone()
+                } else {
+                    body["table"].clone()
+                };
+                format!("{}/{}", body["family"], table)
+            });
+        }
         v
     }
 
@@ -191,13 +213,20 @@ impl Netns {
 
     /// Whether one ping to `dst` is answered within a second.
     pub fn ping(&self, dst: &str) -> bool {
-        self.exec(&["ping", "-c", "1", "-W", "1", dst]).status.success()
+        self.exec(&["busybox", "ping", "-c", "1", "-W", "1", dst])
+            .status
+            .success()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        for mut c in self.children.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default() {
+        for mut c in self
+            .children
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -216,7 +245,10 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",

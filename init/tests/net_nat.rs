@@ -1,0 +1,89 @@
+//! NAT end to end: a "guest" namespace behind a Keel bridge pings an "upstream"
+//! namespace that has no route back to the guest subnet.
+//!
+//!   guest (g0 10.77.0.50) ── gp0 ─[br-nat 10.77.0.1]─ router ── up0 ── eth0 (198.51.100.1) upstream
+
+mod common;
+
+use common::{Netns, config, require_root, veth};
+use keel_init::net::{self, Options};
+
+fn cfg(mode: &str) -> keel_init::config::Config {
+    config(&format!(
+        "
+version: 1
+network:
+  uplink: {{interface: up0, address: 198.51.100.10/24}}
+  bridges:
+    - {{name: br-nat, mode: {mode}, address: 10.77.0.1/24}}
+"
+    ))
+}
+
+#[test]
+fn guests_reach_upstream_only_through_nat() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options {
+        lease_dir: dir.path().join("leases"),
+        resolv_conf: dir.path().join("resolv.conf"),
+        carrier_timeout: std::time::Duration::from_secs(1),
+        dns_forwarder: false,
+    };
+    let router = Netns::new("natr");
+    let guest = Netns::new("natg");
+    let upstream = Netns::new("natu");
+    veth(&router, "up0", &upstream, "eth0");
+    veth(&router, "gp0", &guest, "g0");
+    upstream.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth0"]);
+    guest.ip(&["addr", "add", "10.77.0.50/24", "dev", "g0"]);
+    guest.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+
+    // 1. Isolated: the bridge exists, but nothing is forwarded.
+    let c = cfg("isolated");
+    let r = router.run(|| async { net::apply(&c, &o).await });
+    assert!(r.is_ok(), "{:?}", r.errors().collect::<Vec<_>>());
+    router.ip(&["link", "set", "gp0", "master", "br-nat"]);
+    assert!(guest.ping("10.77.0.1"), "guest cannot ping its gateway");
+    assert!(!guest.ping("198.51.100.1"), "isolated bridge forwarded traffic");
+
+    // 2. Forwarding by hand, no NAT: packets leave, but upstream has no route back.
+    router.exec_ok(&["nft", "delete", "table", "ip", "keel"]);
+    router.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    router.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.br-nat.forwarding=1"]);
+    assert!(
+        !guest.ping("198.51.100.1"),
+        "reply came back without NAT: the test topology is wrong"
+    );
+
+    // 3. NAT: now it works, and conntrack shows the source translation.
+    let c = cfg("nat");
+    let r = router.run(|| async { net::apply(&c, &o).await });
+    assert!(r.is_ok(), "{:?}", r.errors().collect::<Vec<_>>());
+    assert!(guest.ping("198.51.100.1"), "guest cannot reach upstream through NAT");
+    let ct = router.exec_ok(&["conntrack", "-L", "-p", "icmp"]);
+    assert!(
+        ct.lines()
+            .any(|l| l.contains("src=10.77.0.50") && l.contains("dst=198.51.100.10")),
+        "no source NAT in conntrack:\n{ct}"
+    );
+
+    // The host accepts guests only for DHCP/DNS/ping: a TCP service on the
+    // host is unreachable from the guest, yet reachable from the uplink side.
+    router.spawn(&["busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/echo", "hello"]);
+    assert!(common::wait_until(std::time::Duration::from_secs(3), || upstream
+        .exec(&["busybox", "nc", "-w", "1", "198.51.100.10", "8080"])
+        .stdout
+        .starts_with(b"hello")));
+    let from_guest = guest.exec(&["busybox", "nc", "-w", "1", "10.77.0.1", "8080"]);
+    assert!(
+        !from_guest.stdout.starts_with(b"hello"),
+        "guest reached a host TCP port"
+    );
+    // Inbound from upstream to the guest subnet is never forwarded.
+    upstream.ip(&["route", "add", "10.77.0.0/24", "via", "198.51.100.10"]);
+    assert!(
+        !upstream.ping("10.77.0.50"),
+        "upstream opened a connection into the NAT subnet"
+    );
+}
