@@ -98,7 +98,7 @@ fn gets_renews_and_releases_a_lease_from_udhcpd() {
 
     // The server saw the RELEASE: after writing its lease file it shows our MAC as expired.
     let pid = std::fs::read_to_string(dir.path().join("udhcpd.pid")).unwrap();
-    server.exec_ok(&["kill", "-USR1", pid.trim()]);
+    server.exec_ok(&["busybox", "kill", "-USR1", pid.trim()]);
     let listed = common::wait_until(Duration::from_secs(3), || {
         // The file is rewritten asynchronously; a half-written one reads short.
         let out = server.exec(&["busybox", "dumpleases", "-f", leases.to_str().unwrap()]);

@@ -49,8 +49,8 @@ fn guests_reach_upstream_only_through_nat() {
 
     // 2. Forwarding by hand, no NAT: packets leave, but upstream has no route back.
     router.exec_ok(&["nft", "delete", "table", "ip", "keel"]);
-    router.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    router.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.br-nat.forwarding=1"]);
+    router.exec_ok(&["busybox", "sysctl", "-w", "net.ipv4.ip_forward=1"]);
+    router.exec_ok(&["busybox", "sysctl", "-w", "net.ipv4.conf.br-nat.forwarding=1"]);
     assert!(
         !guest.ping("198.51.100.1"),
         "reply came back without NAT: the test topology is wrong"

@@ -208,7 +208,7 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str) -> String {
-        self.exec_ok(&["sysctl", "-n", key]).trim().to_owned()
+        self.exec_ok(&["busybox", "sysctl", "-n", key]).trim().to_owned()
     }
 
     /// Whether one ping to `dst` is answered within a second.
