@@ -29,13 +29,13 @@ pub mod bus;
 pub mod config;
 pub mod control;
 pub mod cpu;
-pub mod devices;
 pub mod device_config;
+pub mod devices;
 pub mod error;
-pub mod memory;
 pub mod event_loop;
-pub mod vm;
+pub mod memory;
 pub mod virtio;
+pub mod vm;
 
 pub use config::{MemorySize, SerialOutput, VmConfig};
 pub use control::{EXIT_ERROR, EXIT_KILLED, EXIT_POWER_OFF, EXIT_REBOOT, EXIT_USAGE, ExitReason};

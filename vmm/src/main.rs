@@ -93,6 +93,16 @@ fn parse_memory(s: &str) -> Result<MemorySize, String> {
     s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
 }
 
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
+}
+
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
 }
@@ -109,16 +119,6 @@ impl Cli {
         }
         if let Some(initrd) = self.initrd {
             config.initrd = Some(initrd);
-fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    s.parse()
-        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
-}
-
-fn parse_net(s: &str) -> Result<NetConfig, String> {
-    s.parse()
-        .map_err(|e: keel_vmm::config::DeviceConfigError| e.to_string())
-}
-
         }
         if let Some(cmdline) = self.cmdline {
             config.cmdline = cmdline;
@@ -134,6 +134,12 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
         }
         if self.boot_timer {
             config.boot_timer = true;
+        }
+        // Devices on the command line come after those of the config file.
+        config.disks.extend(self.disk);
+        config.nets.extend(self.net);
+        if self.rng {
+            config.rng = true;
         }
         if let Some(secs) = self.shutdown_timeout {
             anyhow::ensure!(
@@ -151,12 +157,6 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // Devices on the command line come after those of the config file.
-        config.disks.extend(self.disk);
-        config.nets.extend(self.net);
-        if self.rng {
-            config.rng = true;
-        }
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });

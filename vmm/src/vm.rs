@@ -102,10 +102,10 @@ impl Vm {
             (Cap::Pit2, "in-kernel PIT"),
             (Cap::UserMemory, "user memory regions"),
             (Cap::Irqfd, "irqfd"),
+            (Cap::Ioeventfd, "ioeventfd"),
             (Cap::SetTssAddr, "TSS address"),
         ] {
             if !kvm.check_extension(cap) {
-            (Cap::Ioeventfd, "ioeventfd"),
                 return Err(Error::Kvm {
                     what: "capability check",
                     reason: format!("this KVM lacks {name}"),
@@ -136,15 +136,15 @@ impl Vm {
             reason: os_message(&e),
         })?);
         let devices = Devices::create(config, start, &vm_fd, &control)?;
-
-        let t = Instant::now();
-        let supported_cpuid = kvm
         let mut mmio = Bus::new();
         let mut event_loop = EventLoop::new().map_err(|e| Error::Io {
             what: "creating the device event loop",
             reason: os_message(&e),
         })?;
         attach::attach(&vm_fd, &guest_memory, virtio_devices, &mut mmio, &mut event_loop)?;
+
+        let t = Instant::now();
+        let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| crate::cpu::CpuError::SupportedCpuid(errno_message(&e)))?;
         let supported_msrs = msr::supported(&kvm)?;
@@ -173,11 +173,11 @@ impl Vm {
             pio: Arc::new(devices.pio),
             mmio: Arc::new(mmio),
             control,
+            event_loop: (!event_loop.is_empty()).then_some(event_loop),
+            acpi_pm: devices.acpi_pm,
             i8042: devices.i8042,
             serial: devices.serial,
             serial_input: devices.serial_input,
-            event_loop: (!event_loop.is_empty()).then_some(event_loop),
-            acpi_pm: devices.acpi_pm,
         })
     }
 
@@ -202,6 +202,14 @@ impl Vm {
             reason: os_message(&e),
         })?;
         let (input_thread, raw_terminal) = self.start_serial_input(&input_stop)?;
+        // Devices run before any vCPU can notify them.
+        let device_thread = match self.event_loop.take() {
+            Some(l) => Some(l.spawn(self.control.clone()).map_err(|e| Error::Io {
+                what: "starting the device thread",
+                reason: os_message(&e),
+            })?),
+            None => None,
+        };
 
         let ctx = Arc::new(vcpu::VcpuContext {
             pio: self.pio.clone(),
@@ -213,14 +221,6 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             match vcpu::spawn(v, ctx.clone()) {
                 Ok(handle) => threads.push(handle),
-        // Devices run before any vCPU can notify them.
-        let device_thread = match self.event_loop.take() {
-            Some(l) => Some(l.spawn(self.control.clone()).map_err(|e| Error::Io {
-                what: "starting the device thread",
-                reason: os_message(&e),
-            })?),
-            None => None,
-        };
                 Err(e) => {
                     spawn_error = Some(os_message(&e));
                     break;
@@ -243,6 +243,10 @@ impl Vm {
         }
         for t in threads {
             let _ = t.join();
+        }
+        // No vCPU runs any more: nothing can notify a device.
+        if let Some(t) = device_thread {
+            t.stop();
         }
         let _ = input_stop.write(1);
         if let Some(t) = input_thread {
@@ -287,10 +291,6 @@ impl Vm {
                     revents: 0,
                 },
             ];
-        // No vCPU runs any more: nothing can notify a device.
-        if let Some(t) = device_thread {
-            t.stop();
-        }
             // SAFETY: two valid pollfds.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
             if ready < 0 {
@@ -386,6 +386,7 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<()> {
 /// The legacy devices and the port I/O bus that routes to them.
 struct Devices {
     pio: Bus,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
@@ -429,7 +430,6 @@ impl Devices {
             what: "building the I/O bus",
             reason: e.to_string(),
         };
-    acpi_pm: Arc<Mutex<AcpiPm>>,
         pio.insert("serial", COM1_PORT, COM1_LEN, serial.clone())
             .map_err(bus_err)?;
         pio.insert("i8042", I8042_PORT, I8042_LEN, i8042.clone())
@@ -445,6 +445,7 @@ impl Devices {
             .map_err(bus_err)?;
         Ok(Devices {
             pio,
+            acpi_pm,
             i8042,
             serial,
             serial_input,
@@ -488,7 +489,6 @@ impl SignalGuard {
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         Ok(SignalGuard { fd, old_mask })
     }
-            acpi_pm,
 
     fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
