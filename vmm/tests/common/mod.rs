@@ -6,6 +6,8 @@
 //! instructions long.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod virtio_guest;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
