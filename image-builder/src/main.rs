@@ -224,6 +224,8 @@ fn progress_bar(len: u64, template: &str) -> ProgressBar {
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
+    // Keep the spinner turning through long steps (compressing, writing).
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
 }
 
