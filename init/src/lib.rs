@@ -4,7 +4,9 @@
 //! `keel-image` (which validates before it builds) use it. The rest is PID 1,
 //! one module per concern, driven by `pid1`.
 
+pub mod api;
 pub mod config;
+pub mod console;
 pub mod host;
 pub mod layout;
 pub mod logging;
@@ -18,3 +20,4 @@ pub mod storage;
 pub mod supervisor;
 pub mod update;
 pub mod vmm_command;
+pub mod vmm_control;

@@ -1,21 +1,30 @@
-//! keel-init as PID 1: the boot sequence and the main loop.
+//! keel-init as PID 1 — and in test mode — : the boot sequence and the main loop.
 //!
-//! The order: early mounts → console → logging → kernel modules (kvm-amd or
-//! kvm-intel by CPU vendor) → /dev/kvm → KEEL-CONFIG → keel.yaml (validated; an
-//! invalid file is reported line by line and nothing is started) → guests. Then
-//! it reaps children, restarts guests by policy, and waits for a power request.
+//! The order as PID 1: early mounts → console → logging → kernel modules
+//! (kvm-amd or kvm-intel by CPU vendor) → /dev/kvm → KEEL-CONFIG → keel.yaml
+//! (validated; an invalid file is reported line by line and nothing is started)
+//! → storage pools → guests and the control API. Then it reaps children, restarts
+//! guests by policy, serves the API, and waits for a power request.
+//!
+//! Test mode (`keel-init --test-mode --root DIR ...`, not PID 1) skips mounts,
+//! modules, networking and power actions and runs the same supervisor and API
+//! with every path under DIR, so the integration tests drive real keel-vmm
+//! processes through the real API. SIGTERM then stops the guests and exits.
 //!
 //! A PID 1 that exits or panics takes the kernel with it, so nothing here ends
 //! the process: failures are logged and the appliance stays up, degraded, with
 //! its console; a panic lands in an emergency loop that keeps reaping.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
+use crate::api::{ApiContext, AppliedConfig, HostReconcile};
 use crate::config::{self, Config, OnIdle};
 use crate::layout;
 use crate::logging::LevelHandle;
@@ -27,17 +36,59 @@ use crate::{modules, mounts, partitions};
 /// How long guests get to shut down before their VMMs are killed.
 const GUEST_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where everything is: the appliance's paths, or a test root's.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    pub paths: Paths,
+    /// KEEL-CONFIG: keel.yaml is read from and applied configs are written to here.
+    pub config_dir: PathBuf,
+    pub esp_dir: PathBuf,
+    pub os_release: PathBuf,
+    pub api_socket: PathBuf,
+    /// Test mode: no host networking, no power actions, SIGTERM exits.
+    pub test_mode: bool,
+}
+
+impl Environment {
+    pub fn appliance() -> Self {
+        Environment {
+            paths: Paths::default(),
+            config_dir: layout::CONFIG_MOUNT.into(),
+            esp_dir: layout::ESP_MOUNT.into(),
+            os_release: layout::OS_RELEASE.into(),
+            api_socket: layout::API_SOCKET.into(),
+            test_mode: false,
+        }
+    }
+
+    /// Every path of the appliance below `root`.
+    pub fn under(root: &Path, vmm: PathBuf) -> Self {
+        let rooted = |p: &str| root.join(p.trim_start_matches('/'));
+        let mut paths = Paths::under(root, vmm);
+        // Tests and development runs end often; their guests get little time.
+        paths.shutdown_timeout_secs = 3;
+        Environment {
+            paths,
+            config_dir: rooted(layout::CONFIG_MOUNT),
+            esp_dir: rooted(layout::ESP_MOUNT),
+            os_release: rooted(layout::OS_RELEASE),
+            api_socket: rooted(layout::API_SOCKET),
+            test_mode: true,
+        }
+    }
+}
+
 /// Runs the appliance. Never returns.
 pub fn run() -> ! {
     let mount_failures = mounts::mount_early();
     let console = mounts::reopen_console();
-    let level = crate::logging::init();
+    let level = Arc::new(crate::logging::init());
     std::panic::set_hook(Box::new(|info| {
         error!("keel-init: internal error: {info}");
     }));
     info!(
         "keel-init started as PID 1 (Keel {})",
-        os_version().unwrap_or_else(|| "unknown version".into())
+        crate::api::host::os_version(Path::new(layout::OS_RELEASE)).unwrap_or_else(|| "unknown version".into())
     );
     for f in mount_failures {
         warn!("early mount: {f}");
@@ -50,7 +101,7 @@ pub fn run() -> ! {
         warn!("cannot route Ctrl-Alt-Del to keel-init: {e}");
     }
 
-    let outcome = std::panic::catch_unwind(|| serve(&level));
+    let outcome = std::panic::catch_unwind(|| serve_appliance(level.clone()));
     match outcome {
         Ok(Ok(action)) => {
             let err = power::execute(action);
@@ -60,6 +111,59 @@ pub fn run() -> ! {
         Err(_) => error!("keel-init hit an internal error (logged above)"),
     }
     emergency_loop()
+}
+
+/// Test mode: supervises the guests of `config_file` with every path under
+/// `env`'s root until SIGTERM/SIGINT. Returns the process exit code.
+pub fn run_test_mode(env: Environment, config_file: &Path) -> i32 {
+    crate::logging::init();
+    let text = match std::fs::read_to_string(config_file) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{}: cannot read: {e}", config_file.display());
+            return 1;
+        }
+    };
+    let loaded = match config::parse_str(&text) {
+        Ok(l) => l,
+        Err(d) => {
+            for line in d.render(&config_file.display().to_string()).lines() {
+                error!("{line}");
+            }
+            return 1;
+        }
+    };
+    for dir in [&env.config_dir, &env.esp_dir, &env.paths.data_root, &env.paths.run_dir] {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            error!("{}: cannot create: {e}", dir.display());
+            return 1;
+        }
+    }
+    if let Err(e) = crate::api::config_store::write(&env.config_dir, &text) {
+        error!("{e}");
+        return 1;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the event loop: {e}");
+            return 1;
+        }
+    };
+    let applied = AppliedConfig {
+        config: loaded.config,
+        text,
+    };
+    match rt.block_on(supervise(&env, Some(applied), None)) {
+        Ok(action) => {
+            info!("test mode: {action} requested; guests stopped, exiting");
+            0
+        }
+        Err(e) => {
+            error!("{e:#}");
+            1
+        }
+    }
 }
 
 /// Keeps reaping children so the system stays usable; nothing else runs.
@@ -73,52 +177,101 @@ fn emergency_loop() -> ! {
     }
 }
 
-/// The IMAGE_VERSION of /etc/os-release.
-fn os_version() -> Option<String> {
-    let text = std::fs::read_to_string(layout::OS_RELEASE).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))
-        .map(|v| v.trim_matches('"').to_string())
-}
-
-fn serve(level: &LevelHandle) -> anyhow::Result<Action> {
+fn serve_appliance(level: Arc<LevelHandle>) -> anyhow::Result<Action> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(boot(level))
+    rt.block_on(async {
+        let vendor = modules::cpu_vendor();
+        modules::load_all(&modules::modules_dir(), vendor);
+        wait_for_kvm(Duration::from_secs(3)).await;
+        let applied = load_config().await;
+        supervise(&Environment::appliance(), applied, Some(level)).await
+    })
 }
 
-async fn boot(level: &LevelHandle) -> anyhow::Result<Action> {
-    // Signals first, so a poweroff request during boot is not lost.
+/// What a newly applied config changes on the host itself: storage always;
+/// hostname and log level on the appliance only.
+fn host_reconciler(env: &Environment, level: Option<Arc<LevelHandle>>) -> HostReconcile {
+    let data_root = env.paths.data_root.clone();
+    let test_mode = env.test_mode;
+    Arc::new(move |cfg: Config| {
+        let data_root = data_root.clone();
+        let level = level.clone();
+        async move {
+            let mut problems = Vec::new();
+            let report = crate::storage::reconcile(&cfg, &data_root);
+            for item in report.errors() {
+                if let Err(e) = &item.result {
+                    problems.push(format!("storage {}: {e}", item.name));
+                }
+            }
+            if !test_mode {
+                if let Some(level) = &level {
+                    level.set(cfg.host.log_level.as_str());
+                }
+                if let Err(e) = nix::unistd::sethostname(cfg.host.hostname.as_str()) {
+                    problems.push(format!("hostname {}: {e}", cfg.host.hostname.value));
+                }
+            }
+            problems
+        }
+        .boxed()
+    })
+}
+
+/// The main loop shared by PID 1 and test mode: supervisor, control API, signals.
+async fn supervise(
+    env: &Environment,
+    applied: Option<AppliedConfig>,
+    level: Option<Arc<LevelHandle>>,
+) -> anyhow::Result<Action> {
+    // Signals first, so a poweroff request during start-up is not lost.
     let mut sigchld = signal(SignalKind::child())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigusr2 = signal(SignalKind::user_defined2())?;
 
-    let vendor = modules::cpu_vendor();
-    modules::load_all(&modules::modules_dir(), vendor);
-    wait_for_kvm(Duration::from_secs(3)).await;
-
-    let cfg = load_config().await;
+    let cfg = applied.as_ref().map(|a| a.config.clone());
+    let reconcile = host_reconciler(env, level);
     if let Some(cfg) = &cfg {
-        level.set(cfg.host.log_level.as_str());
-        if let Err(e) = nix::unistd::sethostname(cfg.host.hostname.as_str()) {
-            warn!("cannot set hostname: {e}");
+        for problem in reconcile(cfg.clone()).await {
+            error!("{problem}");
         }
     }
     let guests = cfg.as_ref().map(|c| c.guests.clone()).unwrap_or_default();
     let on_idle = cfg.as_ref().map(|c| c.host.on_idle).unwrap_or_default();
-    let mut sup = Supervisor::new(Paths::default(), &guests);
-    sup.start_autostart();
+    let sup = Arc::new(Mutex::new(Supervisor::new(env.paths.clone(), &guests, true)));
+    let mut changes = lock(&sup).subscribe();
+    let ctx = Arc::new(ApiContext {
+        sup: sup.clone(),
+        config_applied_at: Mutex::new(applied.as_ref().map(|_| Instant::now())),
+        applied: Mutex::new(applied),
+        config_dir: env.config_dir.clone(),
+        esp_dir: env.esp_dir.clone(),
+        os_release: env.os_release.clone(),
+        data_root: env.paths.data_root.clone(),
+        apply_lock: tokio::sync::Mutex::new(()),
+        host_reconcile: reconcile,
+    });
+    if let Err(e) = crate::api::serve_unix(ctx.clone(), &env.api_socket).await {
+        error!("cannot serve the control API on {}: {e}", env.api_socket.display());
+    }
+    if let Some(api) = cfg.as_ref().and_then(|c| c.host.api.clone()) {
+        start_tcp_api(&ctx, env, &api).await;
+    }
+    lock(&sup).start_autostart();
 
     let action = loop {
-        let next = sup.tick();
+        let next = lock(&sup).tick();
         let sleep = tokio::time::sleep_until(next.map(tokio::time::Instant::from_std).unwrap_or_else(far_future));
         tokio::select! {
-            _ = sigchld.recv() => reap(&mut sup, false),
-            _ = sigterm.recv() => break Action::Reboot,
-            _ = sigint.recv() => break Action::Reboot,
+            _ = sigchld.recv() => reap(&sup),
+            _ = sigterm.recv() => break if env.test_mode { Action::Poweroff } else { Action::Reboot },
+            _ = sigint.recv() => break if env.test_mode { Action::Poweroff } else { Action::Reboot },
             _ = sigusr2.recv() => break Action::Poweroff,
+            _ = changes.changed() => {}
             _ = sleep => {}
         }
+        let sup = lock(&sup);
         if on_idle == OnIdle::Poweroff && sup.any_started() && sup.idle() {
             info!("every guest has stopped; powering off (host.on_idle: poweroff)");
             break Action::Poweroff;
@@ -126,27 +279,59 @@ async fn boot(level: &LevelHandle) -> anyhow::Result<Action> {
     };
 
     info!("{action} requested: stopping guests");
-    sup.stop_all();
+    lock(&sup).stop_all();
     let deadline = Instant::now() + GUEST_STOP_TIMEOUT;
-    while !sup.running_pids().is_empty() && Instant::now() < deadline {
+    while !lock(&sup).running_pids().is_empty() && Instant::now() < deadline {
         tokio::select! {
-            _ = sigchld.recv() => reap(&mut sup, true),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => reap(&mut sup, true),
+            _ = sigchld.recv() => reap(&sup),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => reap(&sup),
         }
     }
-    for pid in sup.running_pids() {
+    for pid in lock(&sup).running_pids() {
         warn!(pid, "keel-vmm did not stop in {GUEST_STOP_TIMEOUT:?}; killing it");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
+    reap(&sup);
+    let _ = std::fs::remove_file(&env.api_socket);
     Ok(action)
+}
+
+/// `host.api`: the TCP listener, if its token file is usable.
+async fn start_tcp_api(ctx: &Arc<ApiContext>, env: &Environment, api: &crate::config::ApiListener) {
+    let token_path = env.config_dir.join(api.token_file.as_str());
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            error!(
+                "host.api: cannot read the token file {}: {e}; the TCP API stays off",
+                token_path.display()
+            );
+            return;
+        }
+    };
+    if token.len() < 16 {
+        error!(
+            "host.api: the token in {} is shorter than 16 characters; the TCP API stays off",
+            token_path.display()
+        );
+        return;
+    }
+    if let Err(e) = crate::api::serve_tcp(ctx.clone(), *api.listen, token).await {
+        error!("host.api: cannot listen on {}: {e}", api.listen.value);
+    }
+}
+
+fn lock(sup: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {
+    sup.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(3600)
 }
 
-/// Reaps every exited child: guests go to the supervisor, orphans are just reaped.
-fn reap(sup: &mut Supervisor, shutting_down: bool) {
+/// Reaps every exited child: guests go to the supervisor (which, while shutting
+/// down, finds them stopping and leaves them stopped), orphans are just reaped.
+fn reap(sup: &Mutex<Supervisor>) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -154,9 +339,7 @@ fn reap(sup: &mut Supervisor, shutting_down: bool) {
                 let Some((pid, exit)) = Exit::from_wait(status) else {
                     continue;
                 };
-                if shutting_down {
-                    sup.forget(pid);
-                } else if !sup.on_exit(pid, exit) {
+                if !lock(sup).on_exit(pid, exit) {
                     debug!(pid, "reaped an orphan");
                 }
             }
@@ -179,8 +362,9 @@ async fn wait_for_kvm(timeout: Duration) {
 }
 
 /// Mounts KEEL-CONFIG and reads keel.yaml. `None` (after reporting why) when
-/// there is no usable config: the appliance then starts no guests.
-async fn load_config() -> Option<Config> {
+/// there is no usable config: the appliance then starts no guests, and the API
+/// still accepts a valid one.
+async fn load_config() -> Option<AppliedConfig> {
     let dev = tokio::task::spawn_blocking(|| partitions::wait_for_label(layout::CONFIG_LABEL, Duration::from_secs(10)))
         .await
         .ok()
@@ -204,7 +388,14 @@ async fn load_config() -> Option<Config> {
         return None;
     }
     let path = PathBuf::from(layout::CONFIG_MOUNT).join(layout::CONFIG_FILE);
-    match config::load_file(&path) {
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{}: cannot read: {e}; starting no guests", path.display());
+            return None;
+        }
+    };
+    match config::parse_str(&text) {
         Ok(loaded) => {
             for w in loaded.warnings.warnings() {
                 warn!("{}:{}:{}: warning: {}", path.display(), w.line, w.col, w.message);
@@ -217,10 +408,13 @@ async fn load_config() -> Option<Config> {
                 c.network.bridges.len(),
                 c.storage.pools.len()
             );
-            Some(loaded.config)
+            Some(AppliedConfig {
+                config: loaded.config,
+                text,
+            })
         }
-        Err(e) => {
-            for line in e.to_string().lines() {
+        Err(d) => {
+            for line in d.render(&path.display().to_string()).lines() {
                 error!("{line}");
             }
             error!(

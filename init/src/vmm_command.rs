@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{BootFile, Guest, PoolPath};
 use crate::layout;
 
-/// Where the files a guest names are found.
+/// Where the files a guest names are found, and where its sockets and logs go.
 #[derive(Clone, Debug)]
 pub struct Paths {
     pub vmm: PathBuf,
@@ -14,6 +14,12 @@ pub struct Paths {
     pub default_initrd: PathBuf,
     /// KEEL-DATA's mount point (pools live under it).
     pub data_root: PathBuf,
+    /// Runtime state: per-guest sockets live in `run_dir/guests/NAME/`.
+    pub run_dir: PathBuf,
+    /// Console log files (on the data partition).
+    pub log_dir: PathBuf,
+    /// Seconds keel-vmm's own SIGTERM path gives the guest (appliance shutdown).
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for Paths {
@@ -23,11 +29,43 @@ impl Default for Paths {
             default_kernel: layout::DEFAULT_GUEST_KERNEL.into(),
             default_initrd: layout::DEFAULT_GUEST_INITRD.into(),
             data_root: layout::DATA_MOUNT.into(),
+            run_dir: layout::RUN_DIR.into(),
+            log_dir: PathBuf::from(layout::DATA_MOUNT).join("logs"),
+            shutdown_timeout_secs: 25,
         }
     }
 }
 
 impl Paths {
+    /// The same layout below `root` (keel-init's test mode).
+    pub fn under(root: &Path, vmm: PathBuf) -> Paths {
+        let rooted = |p: &str| root.join(p.trim_start_matches('/'));
+        let data_root = rooted(layout::DATA_MOUNT);
+        Paths {
+            vmm,
+            default_kernel: rooted(layout::DEFAULT_GUEST_KERNEL),
+            default_initrd: rooted(layout::DEFAULT_GUEST_INITRD),
+            log_dir: data_root.join("logs"),
+            data_root,
+            run_dir: rooted(layout::RUN_DIR),
+            shutdown_timeout_secs: 25,
+        }
+    }
+
+    pub fn guest_run_dir(&self, guest: &str) -> PathBuf {
+        self.run_dir.join("guests").join(guest)
+    }
+
+    /// The socket keel-init listens on and keel-vmm's serial port connects to.
+    pub fn console_socket(&self, guest: &str) -> PathBuf {
+        self.guest_run_dir(guest).join("console.sock")
+    }
+
+    /// keel-vmm's control socket (pause, resume, power button, stats).
+    pub fn vmm_socket(&self, guest: &str) -> PathBuf {
+        self.guest_run_dir(guest).join("vmm.sock")
+    }
+
     pub fn pool_file(&self, p: &PoolPath) -> PathBuf {
         layout::pool_dir(&self.data_root, &p.pool).join(&p.path)
     }
@@ -65,7 +103,15 @@ pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
         "--cmdline".into(),
         cmdline.into(),
         "--serial".into(),
-        "stdio".into(),
+        {
+            let mut s = OsString::from("unix:");
+            s.push(paths.console_socket(&g.name));
+            s
+        },
+        "--api-socket".into(),
+        paths.vmm_socket(&g.name).into(),
+        "--shutdown-timeout".into(),
+        paths.shutdown_timeout_secs.to_string().into(),
     ];
     if let Some(initrd) = &g.initrd {
         a.push("--initrd".into());
@@ -84,6 +130,7 @@ mod tests {
         let cfg = crate::config::parse_str(text).expect("valid").config;
         let paths = Paths {
             data_root: "/data".into(),
+            run_dir: "/run/keel".into(),
             ..Paths::default()
         };
         let a: Vec<String> = args(&cfg.guests[0], &paths)
@@ -102,6 +149,17 @@ mod tests {
             ]
         );
         assert_eq!(a[7], "console=ttyS0 reboot=k panic=1 pci=off keel.guest=web quiet");
-        assert_eq!(a[10..], ["--initrd", layout::DEFAULT_GUEST_INITRD]);
+        assert_eq!(
+            a[8..14],
+            [
+                "--serial",
+                "unix:/run/keel/guests/web/console.sock",
+                "--api-socket",
+                "/run/keel/guests/web/vmm.sock",
+                "--shutdown-timeout",
+                "25"
+            ]
+        );
+        assert_eq!(a[14..], ["--initrd", layout::DEFAULT_GUEST_INITRD]);
     }
 }

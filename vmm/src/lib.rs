@@ -24,6 +24,7 @@
 //! | 3 | the guest asked to reboot (i8042 reset, e.g. `reboot` with `reboot=k`, or a triple fault) |
 //! | 4 | stopped hard: the guest ignored SIGTERM's Ctrl-Alt-Del for the grace period, a second signal came, or `Ctrl-A x` was typed on the console |
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;

@@ -18,6 +18,10 @@ Examples:
   keel-vmm --kernel vmlinux --cmdline 'console=ttyS0 reboot=k panic=1 quiet' \\
            --serial file:/var/log/guest.log --boot-timer
 
+  # Supervised: console on the supervisor's socket, control socket for pause/stats
+  keel-vmm --kernel vmlinux --serial unix:/run/keel/guests/web/console.sock \\
+           --api-socket /run/keel/guests/web/vmm.sock
+
   # Everything from a JSON file (same fields as the flags; flags override it)
   keel-vmm --config guest.json
   #   {\"kernel\": \"/boot/vmlinuz\", \"initrd\": \"/boot/initrd\", \"cpus\": 2,
@@ -87,6 +91,10 @@ struct Cli {
     /// Read the VM config from a JSON file; flags given as well override its fields.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve the control socket (pause, resume, power button, stop, stats; one JSON
+    /// line per request) at PATH while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_memory(s: &str) -> Result<MemorySize, String> {
@@ -172,9 +180,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, start: Instant) -> anyhow::Result<i32> {
+fn run(mut cli: Cli, start: Instant) -> anyhow::Result<i32> {
+    let api_socket = cli.api_socket.take();
     let config = cli.into_config()?;
-    let vm = Vm::build(&config, start)?;
+    let mut vm = Vm::build(&config, start)?;
+    if let Some(path) = api_socket {
+        vm = vm.with_api_socket(path);
+    }
     let reason = vm.run()?;
     tracing::info!("guest ended: {reason:?}");
     Ok(reason.exit_code())

@@ -56,6 +56,9 @@ pub struct Vm {
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
+    /// The control socket's shared state, and where to serve it (`--api-socket`).
+    api: Arc<crate::api::ControlState>,
+    api_socket: Option<std::path::PathBuf>,
 }
 
 impl Vm {
@@ -178,7 +181,15 @@ impl Vm {
             i8042: devices.i8042,
             serial: devices.serial,
             serial_input: devices.serial_input,
+            api: Arc::new(crate::api::ControlState::new()),
+            api_socket: None,
         })
+    }
+
+    /// Serves the per-VM control socket (see [`crate::api`]) at `path` while the VM runs.
+    pub fn with_api_socket(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.api_socket = Some(path.into());
+        self
     }
 
     /// Runs the guest until it powers off, reboots, fails or is stopped by a signal.
@@ -215,6 +226,7 @@ impl Vm {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
             control: self.control.clone(),
+            api: self.api.clone(),
         });
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
@@ -232,7 +244,39 @@ impl Vm {
                 .request_exit(ExitReason::Error(format!("cannot start a vCPU thread: {reason}")));
         }
 
-        let stop_requested = self.wait_for_exit(&signals);
+        self.api.set_vcpu_threads(
+            threads
+                .iter()
+                .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+                .collect(),
+        );
+        // Bound once the vCPUs run, so a supervisor that can connect knows the guest is up.
+        let api_server = match &self.api_socket {
+            Some(path) => match crate::api::ControlServer::start(
+                path,
+                crate::api::Targets {
+                    state: self.api.clone(),
+                    control: self.control.clone(),
+                    i8042: self.i8042.clone(),
+                    acpi_pm: self.acpi_pm.clone(),
+                },
+            ) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    self.control.request_exit(ExitReason::Error(format!(
+                        "cannot serve the control socket {}: {}",
+                        path.display(),
+                        os_message(&e)
+                    )));
+                    None
+                }
+            },
+            None => None,
+        };
+
+        let stop_requested = self.wait_for_exit(&signals) || self.api.stop_requested();
+        drop(api_server);
+        self.api.clear_vcpu_threads();
 
         // Teardown: every vCPU out of KVM_RUN and joined, input thread joined, terminal
         // restored (RawTerminal's drop), signal mask restored (SignalGuard's drop).

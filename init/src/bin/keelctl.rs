@@ -1,4 +1,690 @@
-fn main() {
-    eprintln!("keelctl: no verbs yet (see issue 7)");
-    std::process::exit(1);
+//! keelctl: the operator's CLI for a Keel appliance. Talks to keel-init's control
+//! API (`keel_init::api`) over the root-only unix socket, or over TCP with a token.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hyper::{Method, StatusCode};
+use keel_init::api::client::{Client, ClientError, Endpoint};
+use keel_init::api::host::HostInfo;
+use keel_init::api::plan::{GuestAction, Plan};
+use keel_init::api::{ApplyResult, GuestDetail};
+use keel_init::supervisor::GuestStatus;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const AFTER_HELP: &str = "\
+Examples:
+  keelctl list                      # every guest, its state and uptime
+  keelctl status web                # one guest in detail, with live VMM stats
+  keelctl start web                 # start a stopped guest
+  keelctl stop web                  # power button, wait up to 30s, then kill
+  keelctl stop --force web          # kill its VMM now
+  keelctl reboot web                # graceful stop, then start again
+  keelctl reset web                 # hard reset (kill and start)
+  keelctl pause web; keelctl resume web
+  keelctl console web               # interactive serial console; Ctrl-] detaches
+  keelctl logs -f web               # console output, following
+  keelctl apply keel.yaml --dry-run # what would change
+  keelctl apply keel.yaml           # validate, persist, reconcile
+  keelctl diff keel.yaml            # field-by-field differences
+  keelctl host                      # versions, boot slots, CPU, memory, pools
+  keelctl metrics                   # Prometheus text
+  keelctl --host http://10.0.0.2:7070 --token-file ~/.keel-token list
+  keelctl --json list | jq '.[].state'
+
+Exit codes:
+  0 success            4 no such guest        7 diff: the config differs
+  1 failed             5 wrong state for that 
+  2 usage error        6 invalid config (apply/diff)
+  3 cannot reach or not allowed by the API";
+
+/// Exit codes (see `--help`).
+const EXIT_FAILED: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_NO_SUCH_GUEST: u8 = 4;
+const EXIT_WRONG_STATE: u8 = 5;
+const EXIT_INVALID_CONFIG: u8 = 6;
+const EXIT_DIFFERS: u8 = 7;
+
+/// Ctrl-] ends `keelctl console`, as in telnet and virsh.
+const DETACH: u8 = 0x1d;
+
+/// Control a Keel appliance: guests, console, config, host.
+#[derive(Debug, Parser)]
+#[command(name = "keelctl", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The API's unix socket.
+    #[arg(long, global = true, value_name = "PATH", env = "KEEL_SOCKET", default_value = keel_init::layout::API_SOCKET)]
+    socket: PathBuf,
+    /// The API over TCP instead: http://HOST:PORT (host.api.listen).
+    #[arg(long, global = true, value_name = "URL", env = "KEEL_HOST")]
+    host: Option<String>,
+    /// Bearer token for --host.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "KEEL_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Read the bearer token for --host from a file.
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the guests.
+    #[command(alias = "ls")]
+    List,
+    /// One guest in detail, with live stats from its VMM.
+    Status { name: String },
+    /// Start a guest (also one that crash-looped).
+    Start { name: String },
+    /// Stop a guest: power button, then kill after the timeout.
+    Stop {
+        name: String,
+        /// Kill its VMM now instead (same as `destroy`).
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets before its VMM is killed.
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Gracefully stop a guest, then start it again.
+    Reboot {
+        name: String,
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Hard reset: kill the VMM and start the guest again.
+    Reset { name: String },
+    /// Freeze all vCPUs of a guest.
+    Pause { name: String },
+    /// Let a paused guest run again.
+    Resume { name: String },
+    /// Kill a guest's VMM now; the guest stays stopped.
+    Destroy { name: String },
+    /// Attach to a guest's serial console (Ctrl-] detaches).
+    Console {
+        name: String,
+        /// Bytes of recent output to show first.
+        #[arg(long, value_name = "BYTES", default_value_t = 2048)]
+        replay: usize,
+    },
+    /// A guest's console output.
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines (0: all that is kept).
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 0)]
+        lines: usize,
+    },
+    /// Apply a keel.yaml: validate, persist to KEEL-CONFIG, reconcile guests.
+    Apply {
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds each guest being stopped or restarted gets.
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        stop_timeout: f64,
+    },
+    /// Show how a keel.yaml differs from the applied config (exit 7 if it does).
+    Diff { file: PathBuf },
+    /// The appliance: versions, boot slots, uptime, CPU, memory, pools.
+    Host,
+    /// Prometheus metrics, as served on /metrics.
+    Metrics,
+    // Issue 8's verbs (`update FILE|URL [--reboot]`, `rollback`) go here, each a
+    // variant dispatched in `run` to a function that uses the same `Client`.
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keelctl: error: cannot start: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("keelctl: error: {e:#}");
+            if let Some(ClientError::Api { body, .. }) = e.downcast_ref::<ClientError>() {
+                for d in &body.details {
+                    eprintln!("  {d}");
+                }
+            }
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+fn exit_code_for(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. }) => EXIT_UNREACHABLE,
+        Some(ClientError::Api { status, .. }) => match *status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => EXIT_UNREACHABLE,
+            StatusCode::NOT_FOUND => EXIT_NO_SUCH_GUEST,
+            StatusCode::CONFLICT => EXIT_WRONG_STATE,
+            StatusCode::UNPROCESSABLE_ENTITY => EXIT_INVALID_CONFIG,
+            _ => EXIT_FAILED,
+        },
+        _ => EXIT_FAILED,
+    }
+}
+
+fn endpoint(cli: &Cli) -> anyhow::Result<Endpoint> {
+    let Some(url) = &cli.host else {
+        return Ok(Endpoint::Unix(cli.socket.clone()));
+    };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("--token-file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!("--host needs --token TOKEN, --token-file FILE or KEEL_TOKEN"),
+    };
+    Endpoint::from_url(url, token).map_err(anyhow::Error::msg)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let client = Client::new(endpoint(&cli)?);
+    let json = cli.json;
+    match cli.command {
+        Command::List => {
+            let guests: Vec<GuestStatus> = client.json(Method::GET, "/v1/guests", None).await?;
+            if json {
+                print_json(&guests);
+            } else {
+                print_guest_table(&guests);
+            }
+            Ok(0)
+        }
+        Command::Status { name } => {
+            let d: GuestDetail = client.json(Method::GET, &format!("/v1/guests/{name}"), None).await?;
+            if json {
+                print_json(&d);
+            } else {
+                print_guest_detail(&d);
+            }
+            Ok(0)
+        }
+        Command::Start { name } => lifecycle(&client, &name, "start", "", json).await,
+        Command::Stop { name, force, timeout } => {
+            let query = if force {
+                "?force=1".to_string()
+            } else {
+                format!("?timeout={timeout}")
+            };
+            lifecycle(&client, &name, "stop", &query, json).await
+        }
+        Command::Reboot { name, timeout } => {
+            lifecycle(&client, &name, "reboot", &format!("?timeout={timeout}"), json).await
+        }
+        Command::Reset { name } => lifecycle(&client, &name, "reset", "", json).await,
+        Command::Pause { name } => lifecycle(&client, &name, "pause", "", json).await,
+        Command::Resume { name } => lifecycle(&client, &name, "resume", "", json).await,
+        Command::Destroy { name } => lifecycle(&client, &name, "destroy", "", json).await,
+        Command::Console { name, replay } => console(&client, &name, replay).await,
+        Command::Logs { name, follow, lines } => {
+            let path = format!(
+                "/v1/guests/{name}/logs?lines={lines}{}",
+                if follow { "&follow=1" } else { "" }
+            );
+            let resp = client.send(Method::GET, &path, None).await?;
+            let mut body = resp.into_body();
+            let mut out = std::io::stdout();
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                if let Ok(data) = frame?.into_data() {
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+            }
+            Ok(0)
+        }
+        Command::Apply {
+            file,
+            dry_run,
+            stop_timeout,
+        } => {
+            let result = post_config(&client, &file, dry_run, stop_timeout).await?;
+            if json {
+                print_json(&result);
+            } else {
+                for w in &result.warnings {
+                    eprintln!("{w}");
+                }
+                print_plan(&result.plan, false);
+                if result.applied {
+                    for e in &result.host_errors {
+                        eprintln!("keelctl: warning: {e}");
+                    }
+                    println!();
+                    print_guest_table(&result.guests);
+                } else {
+                    println!("dry run: nothing was changed");
+                }
+            }
+            let failed = result.applied && result.guests.iter().any(|g| g.state == "crashed");
+            Ok(if failed || !result.host_errors.is_empty() {
+                EXIT_FAILED
+            } else {
+                0
+            })
+        }
+        Command::Diff { file } => {
+            let result = post_config(&client, &file, true, 30.0).await?;
+            if json {
+                print_json(&result.plan);
+            } else {
+                print_plan(&result.plan, true);
+            }
+            Ok(if result.plan.is_noop() { 0 } else { EXIT_DIFFERS })
+        }
+        Command::Host => {
+            let h: HostInfo = client.json(Method::GET, "/v1/host", None).await?;
+            if json {
+                print_json(&h);
+            } else {
+                print_host(&h);
+            }
+            Ok(0)
+        }
+        Command::Metrics => {
+            let text = client.call(Method::GET, "/metrics", None).await?;
+            std::io::stdout().write_all(&text)?;
+            Ok(0)
+        }
+    }
+}
+
+async fn lifecycle(client: &Client, name: &str, action: &str, query: &str, json: bool) -> anyhow::Result<u8> {
+    let s: GuestStatus = client
+        .json(Method::POST, &format!("/v1/guests/{name}/{action}{query}"), None)
+        .await?;
+    if json {
+        print_json(&s);
+    } else {
+        let detail = s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+        println!("{}: {}{detail}", s.name, s.state);
+    }
+    // A start that ended in a crash is a failure the caller must see.
+    let failed = matches!(action, "start" | "reboot" | "reset") && matches!(s.state.as_str(), "crashed" | "backoff");
+    Ok(if failed { EXIT_FAILED } else { 0 })
+}
+
+async fn post_config(client: &Client, file: &PathBuf, dry_run: bool, stop_timeout: f64) -> anyhow::Result<ApplyResult> {
+    let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let name = file.display().to_string();
+    let path = format!(
+        "/v1/config?file={}&stop_timeout={stop_timeout}{}",
+        percent_encode(&name),
+        if dry_run { "&dry_run=1" } else { "" }
+    );
+    Ok(client
+        .json(Method::POST, &path, Some(("application/yaml", text)))
+        .await?)
+}
+
+/// Enough escaping for a file name in a query string.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn console(client: &Client, name: &str, replay: usize) -> anyhow::Result<u8> {
+    let io = client.console(name, replay).await?;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let tty = std::io::stdin().is_terminal();
+    let _raw = if tty {
+        eprintln!("Connected to {name}'s console. Ctrl-] detaches.\r");
+        Some(RawMode::enable()?)
+    } else {
+        None
+    };
+    // stdin is read on a thread (blocking reads), forwarded through a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut out = tokio::io::stdout();
+    let mut buf = [0u8; 4096];
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => { out.write_all(&buf[..n]).await?; out.flush().await?; }
+            },
+            keys = rx.recv(), if stdin_open => match keys {
+                Some(keys) => {
+                    let (send, detach) = match keys.iter().position(|&b| b == DETACH) {
+                        Some(i) => (&keys[..i], true),
+                        None => (&keys[..], false),
+                    };
+                    if !send.is_empty() { wr.write_all(send).await?; }
+                    if detach { break; }
+                }
+                // End of piped input: keep showing output until the API closes or
+                // we are interrupted, as `cat | keelctl console` users expect.
+                None => stdin_open = false,
+            },
+        }
+    }
+    if tty {
+        eprintln!("\r\nDetached from {name}'s console.\r");
+    }
+    Ok(0)
+}
+
+/// The terminal in raw mode for the console's lifetime.
+struct RawMode(nix::sys::termios::Termios);
+
+impl RawMode {
+    fn enable() -> anyhow::Result<RawMode> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).context("reading the terminal mode")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).context("setting the terminal to raw mode")?;
+        Ok(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.0);
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Prints rows as left-aligned columns.
+fn table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i + 1 == r.len() {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn human_secs(s: f64) -> String {
+    let s = s.max(0.0);
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else if s < 86400.0 {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    } else {
+        format!("{}d{:02}h", (s / 86400.0) as u64, ((s % 86400.0) / 3600.0) as u64)
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn info_column(g: &GuestStatus) -> String {
+    match (&g.restart_in_secs, &g.reason) {
+        (Some(t), Some(r)) => format!("restart in {} ({r})", human_secs(*t)),
+        (None, Some(r)) => r.clone(),
+        _ => String::new(),
+    }
+}
+
+fn print_guest_table(guests: &[GuestStatus]) {
+    let mut rows = vec![vec![
+        "NAME".into(),
+        "STATE".into(),
+        "VCPUS".into(),
+        "MEMORY".into(),
+        "UPTIME".into(),
+        "RESTARTS".into(),
+        "INFO".into(),
+    ]];
+    for g in guests {
+        rows.push(vec![
+            g.name.clone(),
+            g.state.clone(),
+            g.vcpus.to_string(),
+            g.memory.clone(),
+            g.uptime_secs.map(human_secs).unwrap_or_else(|| "-".into()),
+            g.restarts.to_string(),
+            info_column(g),
+        ]);
+    }
+    table(&rows);
+}
+
+fn print_guest_detail(d: &GuestDetail) {
+    let g = &d.status;
+    let mut rows = vec![
+        vec!["Name:".into(), g.name.clone()],
+        vec!["State:".into(), g.state.clone()],
+    ];
+    if let Some(r) = &g.reason {
+        rows.push(vec!["Reason:".into(), r.clone()]);
+    }
+    if let Some(t) = g.restart_in_secs {
+        rows.push(vec!["Restart in:".into(), human_secs(t)]);
+    }
+    if let Some(pid) = g.pid {
+        rows.push(vec!["VMM pid:".into(), pid.to_string()]);
+    }
+    if let Some(u) = g.uptime_secs {
+        rows.push(vec!["Uptime:".into(), human_secs(u)]);
+    }
+    rows.push(vec!["vCPUs:".into(), g.vcpus.to_string()]);
+    rows.push(vec!["Memory:".into(), g.memory.clone()]);
+    rows.push(vec!["Autostart:".into(), g.autostart.to_string()]);
+    rows.push(vec!["Restart policy:".into(), g.restart_policy.clone()]);
+    rows.push(vec!["Restarts:".into(), g.restarts.to_string()]);
+    if let Some(e) = &g.last_exit {
+        rows.push(vec!["Last exit:".into(), e.clone()]);
+    }
+    rows.push(vec!["Console output:".into(), human_bytes(g.console_bytes)]);
+    if let Some(s) = &d.stats {
+        rows.push(vec!["vCPU time:".into(), format!("{:.2}s", s.vcpu_seconds())]);
+        rows.push(vec!["VMM RSS:".into(), human_bytes(s.rss_bytes)]);
+        for dev in &s.devices {
+            rows.push(vec![
+                format!("{}:", dev.name),
+                format!(
+                    "{} in / {} out, {} / {} requests",
+                    human_bytes(dev.bytes_in),
+                    human_bytes(dev.bytes_out),
+                    dev.ops_in,
+                    dev.ops_out
+                ),
+            ]);
+        }
+    }
+    table(&rows);
+}
+
+fn print_plan(plan: &Plan, details: bool) {
+    for g in &plan.guests {
+        let mark = match g.action {
+            GuestAction::Start | GuestAction::Add => "+",
+            GuestAction::Remove => "-",
+            GuestAction::Restart | GuestAction::Update => "~",
+            GuestAction::Unchanged => " ",
+        };
+        if details && g.action == GuestAction::Unchanged {
+            continue;
+        }
+        let summary: Vec<String> = g
+            .changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: {} -> {}",
+                    c.field,
+                    c.old.as_deref().unwrap_or("(none)"),
+                    c.new.as_deref().unwrap_or("(none)")
+                )
+            })
+            .collect();
+        if details && !summary.is_empty() {
+            println!("{mark} guest {} ({})", g.guest, g.action.as_str());
+            for s in summary {
+                println!("      {s}");
+            }
+        } else {
+            println!("{mark} {:<20} {:<9} {}", g.guest, g.action.as_str(), summary.join("; "));
+        }
+    }
+    for s in &plan.sections {
+        println!(
+            "~ {:<20} {:<9} {} field(s) change",
+            s.section,
+            "reconcile",
+            s.changes.len()
+        );
+        if details {
+            for c in &s.changes {
+                println!(
+                    "      {}: {} -> {}",
+                    c.field,
+                    c.old.as_deref().unwrap_or("(none)"),
+                    c.new.as_deref().unwrap_or("(none)")
+                );
+            }
+        }
+    }
+    if plan.is_noop() {
+        println!("no changes");
+    }
+}
+
+fn print_host(h: &HostInfo) {
+    table(&[
+        vec!["Hostname:".into(), h.hostname.clone()],
+        vec![
+            "OS version:".into(),
+            h.os_version.clone().unwrap_or_else(|| "unknown".into()),
+        ],
+        vec!["keel-init:".into(), h.keel_version.clone()],
+        vec!["Kernel:".into(), h.kernel.clone()],
+        vec!["Uptime:".into(), human_secs(h.uptime_secs)],
+        vec![
+            "CPU:".into(),
+            format!(
+                "{} CPUs, {:.0}% busy, load {:.2} {:.2} {:.2}",
+                h.cpus, h.cpu_busy_percent, h.load_average[0], h.load_average[1], h.load_average[2]
+            ),
+        ],
+        vec![
+            "Memory:".into(),
+            format!(
+                "{} available of {}",
+                human_bytes(h.memory_available_bytes),
+                human_bytes(h.memory_total_bytes)
+            ),
+        ],
+    ]);
+    println!();
+    if h.boot_slots.is_empty() {
+        println!("Boot slots: none found on the ESP");
+    } else {
+        let mut rows = vec![vec![
+            "BOOT SLOT".into(),
+            "VERSION".into(),
+            "STATE".into(),
+            "TRIES".into(),
+            "".into(),
+        ]];
+        for s in &h.boot_slots {
+            rows.push(vec![
+                s.file.clone(),
+                s.version.clone(),
+                s.state.clone(),
+                match (s.tries_left, s.tries_done) {
+                    (Some(l), Some(d)) => format!("{l} left, {d} done"),
+                    (Some(l), None) => format!("{l} left"),
+                    _ => "-".into(),
+                },
+                if s.running { "running".into() } else { String::new() },
+            ]);
+        }
+        table(&rows);
+    }
+    if !h.pools.is_empty() {
+        println!();
+        let mut rows = vec![vec!["POOL".into(), "USED".into(), "AVAILABLE".into(), "LIMIT".into()]];
+        for p in &h.pools {
+            rows.push(vec![
+                p.name.clone(),
+                human_bytes(p.used_bytes),
+                human_bytes(p.available_bytes),
+                p.size_limit_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        table(&rows);
+    }
 }

@@ -80,6 +80,51 @@ pub struct Host {
     /// to restart: `stay` up (the default), or `poweroff` (batch appliances, CI).
     #[serde(default)]
     pub on_idle: OnIdle,
+    /// The control API on TCP, with a bearer token. Off unless set; the root-only
+    /// unix socket /run/keel/api.sock is always there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiListener>,
+}
+
+/// `host.api`: where the control API listens on TCP.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiListener {
+    /// Address and port, e.g. 0.0.0.0:7070. Plain HTTP: use a management network.
+    pub listen: Spanned<std::net::SocketAddr>,
+    /// File on KEEL-CONFIG holding the bearer token (16 characters or more).
+    #[serde(default = "default_token_file")]
+    pub token_file: Spanned<String>,
+}
+
+fn default_token_file() -> Spanned<String> {
+    Spanned::new("api-token".into(), Default::default())
+}
+
+impl Decode for ApiListener {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        let mut m = MapReader::new(node, "api", d)?;
+        let listen = m.required("listen");
+        let token_file = m.optional("token_file").map(|v| v.unwrap_or_else(default_token_file));
+        m.finish();
+        build!(ApiListener { listen, token_file })
+    }
+}
+
+impl Decode for std::net::SocketAddr {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        let text = scalar(node, "an address and port such as 0.0.0.0:7070", d)?;
+        match text.parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                d.error(
+                    node.pos,
+                    format!("`{text}` is not an address and port; write e.g. 0.0.0.0:7070"),
+                );
+                None
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
@@ -110,6 +155,7 @@ impl Default for Host {
             console: default_console(),
             log_level: LogLevel::default(),
             on_idle: OnIdle::Stay,
+            api: None,
         }
     }
 }
@@ -121,12 +167,14 @@ impl Decode for Host {
         let console = m.optional("console").map(|v| v.unwrap_or_else(default_console));
         let log_level = m.or_default("log_level");
         let on_idle = m.or_default("on_idle");
+        let api = m.optional("api");
         m.finish();
         build!(Host {
             hostname,
             console,
             log_level,
-            on_idle
+            on_idle,
+            api
         })
     }
 }

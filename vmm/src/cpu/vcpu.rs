@@ -23,6 +23,8 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub control: Arc<VmControl>,
+    /// Pause/resume from the control socket (`crate::api`).
+    pub api: Arc<crate::api::ControlState>,
 }
 
 /// A created and configured vCPU, not yet running.
@@ -168,6 +170,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
     let mut stats = ExitStats::default();
     let count = tracing::enabled!(tracing::Level::DEBUG);
     while !ctx.control.is_stopping() {
+        ctx.api.vcpu_checkpoint(&ctx.control);
         if count {
             // SAFETY: reading the exit reason and address of the last exit.
             let (reason, port, mmio) = unsafe {

@@ -1,0 +1,640 @@
+//! Listeners, authentication, routing and the request handlers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use super::{
+    ApiContext, AppliedConfig, ApplyResult, CONSOLE_PROTOCOL, ErrorBody, GuestDetail, config_store, host, metrics, plan,
+};
+use crate::supervisor::{AfterStop, DEFAULT_STOP_TIMEOUT, OpError, State, StopHandle};
+use crate::vmm_control::{self, Op};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Largest config accepted by `POST /v1/config`.
+const MAX_BODY: usize = 1 << 20;
+/// How long `start` waits for the VMM to come up before answering.
+const START_WAIT: Duration = Duration::from_secs(15);
+/// Extra time, past a stop's own timeout, allowed for the kill and the reaping.
+const STOP_SLACK: Duration = Duration::from_secs(8);
+
+/// Who is on the other end of a connection.
+#[derive(Clone)]
+enum Access {
+    Allowed,
+    /// Refused for every request, with this reason (a non-root unix peer).
+    Forbidden(String),
+    /// TCP: each request must carry this bearer token.
+    Token(Arc<String>),
+}
+
+/// Serves the API on a unix socket: created mode 0600, replacing a stale file;
+/// only peers with uid 0 (SO_PEERCRED) are served.
+pub async fn serve_unix(ctx: Arc<ApiContext>, path: &Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    info!("control API listening on {}", path.display());
+    Ok(tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("control API accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let access = match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 => Access::Allowed,
+                Ok(c) => {
+                    warn!(uid = c.uid(), pid = ?c.pid(), "control API: refusing a non-root client");
+                    Access::Forbidden(format!(
+                        "the Keel API accepts only root (your uid is {}); run keelctl as root",
+                        c.uid()
+                    ))
+                }
+                Err(e) => Access::Forbidden(format!("cannot identify the client: {e}")),
+            };
+            tokio::spawn(serve_connection(TokioIo::new(stream), ctx.clone(), access));
+        }
+    }))
+}
+
+/// Serves the API on TCP with a bearer token (plain HTTP: put it on a management
+/// network, or behind a TLS proxy).
+pub async fn serve_tcp(
+    ctx: Arc<ApiContext>,
+    addr: SocketAddr,
+    token: String,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    info!("control API listening on tcp {addr} (bearer token required)");
+    let token = Arc::new(token);
+    Ok(tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, peer)) => {
+                    debug!(%peer, "control API tcp client");
+                    tokio::spawn(serve_connection(
+                        TokioIo::new(s),
+                        ctx.clone(),
+                        Access::Token(token.clone()),
+                    ));
+                }
+                Err(e) => {
+                    warn!("control API accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+async fn serve_connection<IO>(io: TokioIo<IO>, ctx: Arc<ApiContext>, access: Access)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let access = access.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, access, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await
+    {
+        debug!("control API connection ended: {e}");
+    }
+}
+
+/// An error answer.
+struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: msg.into(),
+                details: Vec::new(),
+            },
+        }
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let status = match e {
+            OpError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
+            OpError::WrongState { .. } => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let text = serde_json::to_vec_pretty(v).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(text)).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+/// `true` for constant-time equal byte strings (no early exit on the first difference).
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn handle(ctx: Arc<ApiContext>, access: Access, req: Request<Incoming>) -> Response<Body> {
+    match &access {
+        Access::Allowed => {}
+        Access::Forbidden(why) => return json(StatusCode::FORBIDDEN, &ApiError::new(StatusCode::FORBIDDEN, why).body),
+        Access::Token(expected) => {
+            let given = req
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !token_matches(given.as_bytes(), expected.as_bytes()) {
+                let e = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token (keelctl --token or KEEL_TOKEN)",
+                );
+                return json(e.status, &e.body);
+            }
+        }
+    }
+    let started = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = match route(ctx, req).await {
+        Ok(r) => r,
+        Err(e) => json(e.status, &e.body),
+    };
+    debug!(%method, path, status = response.status().as_u16(), elapsed = ?started.elapsed(), "API request");
+    response
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn flag(q: &HashMap<String, String>, key: &str) -> bool {
+    q.get(key)
+        .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"))
+}
+
+fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<Option<T>, ApiError> {
+    q.get(key)
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("query `{key}={v}`: expected a number")))
+        })
+        .transpose()
+}
+
+fn seconds(q: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, ApiError> {
+    match number::<f64>(q, key)? {
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("query `{key}`: expected seconds, 0 or more"),
+        )),
+        None => Ok(None),
+    }
+}
+
+async fn route(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').collect();
+    let q = query(&req);
+    let method = req.method().clone();
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, metrics::CONTENT_TYPE, render_metrics(&ctx).await)),
+        (&Method::GET, ["v1", "guests"]) => Ok(json(StatusCode::OK, &ctx.sup().statuses())),
+        (&Method::GET, ["v1", "guests", name]) => guest_detail(&ctx, name).await,
+        (&Method::GET, ["v1", "guests", name, "console"]) => console(&ctx, name, &q, req),
+        (&Method::GET, ["v1", "guests", name, "logs"]) => logs(&ctx, name, &q),
+        (&Method::POST, ["v1", "guests", name, action]) => guest_action(&ctx, name, action, &q).await,
+        (&Method::GET, ["v1", "config"]) => match &*ctx.applied() {
+            Some(a) => Ok(text(StatusCode::OK, "application/yaml", a.text.clone())),
+            None => Err(ApiError::new(StatusCode::NOT_FOUND, "no config has been applied")),
+        },
+        (&Method::POST, ["v1", "config"]) => apply(&ctx, &q, req).await,
+        (&Method::GET, ["v1", "host"]) => {
+            let cfg = ctx.applied().as_ref().map(|a| a.config.clone());
+            let info = host::collect(
+                cfg.as_ref(),
+                &ctx.esp_dir,
+                &ctx.os_release,
+                &ctx.data_root,
+                Duration::from_millis(200),
+            )
+            .await;
+            Ok(json(StatusCode::OK, &info))
+        }
+        (_, ["v1", "guests", ..] | ["v1", "config"] | ["v1", "host"] | ["metrics"]) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on /{path}"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such API path: /{path}"),
+        )),
+    }
+}
+
+async fn guest_detail(ctx: &ApiContext, name: &str) -> Result<Response<Body>, ApiError> {
+    let (status, socket) = {
+        let sup = ctx.sup();
+        let status = sup.status(name).ok_or_else(|| OpError::NoSuchGuest(name.into()))?;
+        (status, sup.control_socket(name))
+    };
+    let stats = match socket {
+        Some(s) => vmm_control::stats(&s).await.ok(),
+        None => None,
+    };
+    Ok(json(StatusCode::OK, &GuestDetail { status, stats }))
+}
+
+/// Waits until `done` holds for the guest's state (`None`: the guest is gone) or
+/// `timeout` passes. Returns whether it held.
+async fn wait_for(ctx: &ApiContext, name: &str, timeout: Duration, done: impl Fn(Option<&State>) -> bool) -> bool {
+    let mut changes = ctx.sup().subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done(ctx.sup().state(name)) {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return done(ctx.sup().state(name)),
+        }
+    }
+}
+
+fn at_rest(s: Option<&State>) -> bool {
+    !matches!(s, Some(State::Stopping { .. } | State::Starting { .. }))
+}
+
+async fn guest_action(
+    ctx: &ApiContext,
+    name: &str,
+    action: &str,
+    q: &HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let timeout = seconds(q, "timeout")?.unwrap_or(DEFAULT_STOP_TIMEOUT);
+    match action {
+        "start" => {
+            ctx.sup().start(name)?;
+            wait_for(ctx, name, START_WAIT, at_rest).await;
+        }
+        "stop" if flag(q, "force") => hard_stop(ctx, name, AfterStop::Stop).await?,
+        "destroy" => hard_stop(ctx, name, AfterStop::Stop).await?,
+        "stop" => graceful(ctx, name, timeout, AfterStop::Stop).await?,
+        "reboot" => graceful(ctx, name, timeout, AfterStop::Restart).await?,
+        "reset" => hard_stop(ctx, name, AfterStop::Restart).await?,
+        "pause" | "resume" => {
+            let pause = action == "pause";
+            let socket = ctx.sup().check_pausable(name, pause)?;
+            vmm_control::request(&socket, if pause { Op::Pause } else { Op::Resume })
+                .await
+                .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+            ctx.sup().mark_paused(name, pause);
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no guest action `{other}`; use start, stop, reboot, reset, pause, resume or destroy"),
+            ));
+        }
+    }
+    let status = ctx.sup().status(name);
+    match status {
+        Some(s) => Ok(json(StatusCode::OK, &s)),
+        None => Err(OpError::NoSuchGuest(name.into()).into()),
+    }
+}
+
+async fn graceful(ctx: &ApiContext, name: &str, timeout: Duration, then: AfterStop) -> Result<(), ApiError> {
+    let handle = ctx.sup().begin_stop(name, timeout, then)?;
+    if let Some(h) = handle {
+        h.press_power_button().await;
+    }
+    wait_for(ctx, name, timeout + STOP_SLACK, at_rest).await;
+    if then == AfterStop::Restart {
+        wait_for(ctx, name, START_WAIT, at_rest).await;
+    }
+    Ok(())
+}
+
+async fn hard_stop(ctx: &ApiContext, name: &str, then: AfterStop) -> Result<(), ApiError> {
+    ctx.sup().hard_stop(name, then)?;
+    wait_for(ctx, name, STOP_SLACK, at_rest).await;
+    if then == AfterStop::Restart {
+        wait_for(ctx, name, START_WAIT, at_rest).await;
+    }
+    Ok(())
+}
+
+fn console(
+    ctx: &ApiContext,
+    name: &str,
+    q: &HashMap<String, String>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let hub = ctx
+        .sup()
+        .console(name)
+        .ok_or_else(|| OpError::NoSuchGuest(name.into()))?;
+    let wants_upgrade = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_PROTOCOL));
+    if !wants_upgrade {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            format!(
+                "the console is a bidirectional stream: send `Connection: Upgrade` and `Upgrade: {CONSOLE_PROTOCOL}` (keelctl console does)"
+            ),
+        ));
+    }
+    let replay = number::<usize>(q, "replay")?.unwrap_or(0);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(&mut req).await {
+            Ok(upgraded) => attach_console(TokioIo::new(upgraded), hub, replay, &name).await,
+            Err(e) => warn!(guest = name, "console upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(CONNECTION, "upgrade")
+        .header(UPGRADE, CONSOLE_PROTOCOL)
+        .body(Full::new(Bytes::new()).boxed_unsync())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Copies guest output to the client and the client's keys to the guest until
+/// the client hangs up.
+async fn attach_console<IO>(mut io: IO, hub: Arc<crate::console::ConsoleHub>, replay: usize, name: &str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    info!(guest = name, "console attached");
+    let (history, mut rx) = hub.subscribe(replay);
+    if io.write_all(&history).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Ok(bytes) => if io.write_all(&bytes).await.is_err() { break },
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = format!("\r\n[keel: console output too fast, {n} chunks skipped]\r\n");
+                    if io.write_all(note.as_bytes()).await.is_err() { break }
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            input = io.read(&mut buf) => match input {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !hub.send_input(&buf[..n]) {
+                        debug!(guest = name, "console input dropped: the guest is not running");
+                    }
+                }
+            },
+        }
+    }
+    info!(guest = name, "console detached");
+}
+
+fn logs(ctx: &ApiContext, name: &str, q: &HashMap<String, String>) -> Result<Response<Body>, ApiError> {
+    let hub = ctx
+        .sup()
+        .console(name)
+        .ok_or_else(|| OpError::NoSuchGuest(name.into()))?;
+    let lines = number::<usize>(q, "lines")?.unwrap_or(0);
+    if !flag(q, "follow") {
+        return Ok(text(StatusCode::OK, "text/plain; charset=utf-8", hub.tail_lines(lines)));
+    }
+    let (head, rx) = hub.tail_and_subscribe(lines);
+    // The first chunk is the tail; then everything the guest writes, until the
+    // client hangs up (hyper drops the body) or the guest is removed.
+    let stream = futures::stream::unfold((Some(head), rx), |(head, mut rx)| async move {
+        if let Some(h) = head {
+            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(h))), (None, rx)));
+        }
+        loop {
+            match rx.recv().await {
+                Ok(b) => return Some((Ok(Frame::data(b)), (None, rx))),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn apply(
+    ctx: &ApiContext,
+    q: &HashMap<String, String>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let dry_run = flag(q, "dry_run");
+    let stop_timeout = seconds(q, "stop_timeout")?.unwrap_or(DEFAULT_STOP_TIMEOUT);
+    let file = q.get("file").cloned().unwrap_or_else(|| "keel.yaml".into());
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the config: {e}")))?
+        .to_bytes();
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8 text")))?;
+    let loaded = crate::config::parse_str(&text).map_err(|d| ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: ErrorBody {
+            error: format!("{file} is not a valid Keel config; nothing was changed"),
+            details: d.render(&file).lines().map(String::from).collect(),
+        },
+    })?;
+    let warnings: Vec<String> = loaded.warnings.render(&file).lines().map(String::from).collect();
+
+    let _one_at_a_time = ctx.apply_lock.lock().await;
+    let old = ctx.applied().as_ref().map(|a| a.config.clone());
+    let plan = {
+        let sup = ctx.sup();
+        plan::compute(old.as_ref(), &loaded.config, |n| {
+            sup.state(n).is_some_and(|s| s.is_active())
+        })
+    };
+    if dry_run {
+        let guests = ctx.sup().statuses();
+        return Ok(json(
+            StatusCode::OK,
+            &ApplyResult {
+                plan,
+                applied: false,
+                warnings,
+                host_errors: Vec::new(),
+                guests,
+            },
+        ));
+    }
+
+    // Persist first: if this fails nothing has changed, and once it succeeds a
+    // reboot at any point comes up with the new config.
+    config_store::write(&ctx.config_dir, &text)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}; nothing was changed")))?;
+    let config = loaded.config;
+    *ctx.applied() = Some(AppliedConfig {
+        config: config.clone(),
+        text,
+    });
+    info!(
+        "config applied: {}",
+        plan.guests
+            .iter()
+            .filter(|g| g.action != plan::GuestAction::Unchanged)
+            .map(|g| format!("{} {}", g.action.as_str(), g.guest))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let host_errors = (ctx.host_reconcile)(config.clone()).await;
+
+    let mut stops: Vec<StopHandle> = Vec::new();
+    let affected: Vec<String> = plan
+        .guests
+        .iter()
+        .filter(|g| g.action != plan::GuestAction::Unchanged)
+        .map(|g| g.guest.clone())
+        .collect();
+    {
+        let mut sup = ctx.sup();
+        for g in &plan.guests {
+            let spec = config.guests.iter().find(|s| s.name.value == g.guest).cloned();
+            match (&g.action, spec) {
+                (plan::GuestAction::Start | plan::GuestAction::Add, Some(spec)) => sup.add_guest(spec),
+                (plan::GuestAction::Restart, Some(spec)) => stops.extend(sup.replace_and_restart(spec, stop_timeout)),
+                (plan::GuestAction::Update, Some(spec)) => sup.update_spec(spec),
+                (plan::GuestAction::Remove, _) => stops.extend(sup.remove_guest(&g.guest, stop_timeout)),
+                _ => {}
+            }
+        }
+    }
+    futures::future::join_all(stops.iter().map(|h| h.press_power_button())).await;
+    for name in &affected {
+        wait_for(ctx, name, stop_timeout + STOP_SLACK, at_rest).await;
+    }
+    *ctx.config_applied_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    let guests = ctx.sup().statuses();
+    Ok(json(
+        StatusCode::OK,
+        &ApplyResult {
+            plan,
+            applied: true,
+            warnings,
+            host_errors,
+            guests,
+        },
+    ))
+}
+
+async fn render_metrics(ctx: &ApiContext) -> String {
+    let (statuses, sockets): (Vec<_>, Vec<_>) = {
+        let sup = ctx.sup();
+        sup.statuses()
+            .into_iter()
+            .map(|s| {
+                let sock = sup.control_socket(&s.name);
+                (s, sock)
+            })
+            .unzip()
+    };
+    let stats = futures::future::join_all(sockets.iter().map(|s| async move {
+        match s {
+            Some(s) => vmm_control::stats(s).await.ok(),
+            None => None,
+        }
+    }))
+    .await;
+    let guests: Vec<_> = statuses.into_iter().zip(stats).collect();
+    let cfg = ctx.applied().as_ref().map(|a| a.config.clone());
+    let pools = host::pools(cfg.as_ref(), &ctx.data_root);
+    let (memory_total, memory_available) = host::memory();
+    metrics::render(&metrics::Snapshot {
+        guests: &guests,
+        cpu: host::CpuTimes::read(),
+        memory_total,
+        memory_available,
+        uptime_secs: host::uptime_secs(),
+        pools: &pools,
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secreT", b"secret"));
+        assert!(!token_matches(b"secret2", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}
