@@ -33,17 +33,29 @@ fn check(path: &Path) -> Report {
             Report {
                 file,
                 ok: true,
-                summary: Some(Summary { guests: c.guests.len(), bridges: c.network.bridges.len(), pools: c.storage.pools.len() }),
+                summary: Some(Summary {
+                    guests: c.guests.len(),
+                    bridges: c.network.bridges.len(),
+                    pools: c.storage.pools.len(),
+                }),
                 diagnostics: loaded.warnings.sorted(),
                 io_error: None,
             }
         }
-        Err(LoadError::Invalid { diagnostics, .. }) => {
-            Report { file, ok: false, summary: None, diagnostics: diagnostics.sorted(), io_error: None }
-        }
-        Err(e @ LoadError::Io { .. }) => {
-            Report { file, ok: false, summary: None, diagnostics: Vec::new(), io_error: Some(e.to_string()) }
-        }
+        Err(LoadError::Invalid { diagnostics, .. }) => Report {
+            file,
+            ok: false,
+            summary: None,
+            diagnostics: diagnostics.sorted(),
+            io_error: None,
+        },
+        Err(e @ LoadError::Io { .. }) => Report {
+            file,
+            ok: false,
+            summary: None,
+            diagnostics: Vec::new(),
+            io_error: Some(e.to_string()),
+        },
     }
 }
 
@@ -72,7 +84,10 @@ pub fn run(files: &[PathBuf], json: bool) -> ExitCode {
                 eprintln!("{e}");
             }
             if let Some(s) = &r.summary {
-                println!("ok: {} ({} guests, {} bridges, {} pools)", r.file, s.guests, s.bridges, s.pools);
+                println!(
+                    "ok: {} ({} guests, {} bridges, {} pools)",
+                    r.file, s.guests, s.bridges, s.pools
+                );
             }
         }
     }
