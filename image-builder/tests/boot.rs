@@ -99,7 +99,14 @@ fn built_image_boots_through_ovmf_systemd_boot_and_the_uki() {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let status = match child.try_wait().expect("wait") {
+    // The console closes a moment before the process can be reaped: give it until the
+    // deadline to exit.
+    let mut exited = child.try_wait().expect("wait");
+    while exited.is_none() && started.elapsed() < TIMEOUT {
+        std::thread::sleep(Duration::from_millis(100));
+        exited = child.try_wait().expect("wait");
+    }
+    let status = match exited {
         Some(s) => s,
         None => {
             let _ = child.kill();
