@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
-use crate::api::{ApiContext, AppliedConfig, HostReconcile};
-use crate::config::{self, Config, OnIdle};
+use crate::api::{ApiContext, AppliedConfig};
+use crate::config::{self, OnIdle};
+use crate::guest_resources::{GuestResources, Readiness};
 use crate::layout;
 use crate::logging::LevelHandle;
 use crate::power::{self, Action};
@@ -154,7 +154,22 @@ pub fn run_test_mode(env: Environment, config_file: &Path) -> i32 {
         config: loaded.config,
         text,
     };
-    match rt.block_on(supervise(&env, Some(applied), None)) {
+    let outcome = rt.block_on(async {
+        // Test mode: pools and volumes under the root; no host networking.
+        let root = env.paths.data_root.clone();
+        let cfg = applied.config.clone();
+        let report = crate::storage::reconcile(&cfg, &root);
+        for item in report.errors() {
+            if let Err(e) = &item.result {
+                error!("storage {}: {e}", item.name);
+            }
+        }
+        let mut readiness = Readiness::default();
+        readiness.update_storage(&cfg, &report);
+        let resources = GuestResources::new(readiness, false, true, root);
+        supervise(&env, Some(applied), resources).await
+    });
+    match outcome {
         Ok(action) => {
             info!("test mode: {action} requested; guests stopped, exiting");
             0
@@ -184,37 +199,31 @@ fn serve_appliance(level: Arc<LevelHandle>) -> anyhow::Result<Action> {
         modules::load_all(&modules::modules_dir(), vendor);
         wait_for_kvm(Duration::from_secs(3)).await;
         let applied = load_config().await;
-        supervise(&Environment::appliance(), applied, Some(level)).await
-    })
-}
-
-/// What a newly applied config changes on the host itself: storage always;
-/// hostname and log level on the appliance only.
-fn host_reconciler(env: &Environment, level: Option<Arc<LevelHandle>>) -> HostReconcile {
-    let data_root = env.paths.data_root.clone();
-    let test_mode = env.test_mode;
-    Arc::new(move |cfg: Config| {
-        let data_root = data_root.clone();
-        let level = level.clone();
-        async move {
-            let mut problems = Vec::new();
-            let report = crate::storage::reconcile(&cfg, &data_root);
-            for item in report.errors() {
-                if let Err(e) = &item.result {
-                    problems.push(format!("storage {}: {e}", item.name));
+        let env = Environment::appliance();
+        // KEEL-DATA, pools and volumes, networks and their services.
+        let mut host = match &applied {
+            Some(a) => {
+                if let Err(e) = nix::unistd::sethostname(a.config.host.hostname.as_str()) {
+                    warn!("cannot set hostname: {e}");
                 }
+                level.set(a.config.host.log_level.as_str());
+                Some(crate::host::bring_up(&a.config).await)
             }
-            if !test_mode {
-                if let Some(level) = &level {
-                    level.set(cfg.host.log_level.as_str());
-                }
-                if let Err(e) = nix::unistd::sethostname(cfg.host.hostname.as_str()) {
-                    problems.push(format!("hostname {}: {e}", cfg.host.hostname.value));
-                }
-            }
-            problems
+            None => None,
+        };
+        let mut readiness = Readiness::default();
+        if let (Some(a), Some(h)) = (&applied, &host) {
+            readiness.update_storage(&a.config, &h.storage);
+            readiness.update_network(&a.config, &h.net);
         }
-        .boxed()
+        let data_ready = host.as_ref().is_some_and(|h| h.data_mounted);
+        let resources =
+            GuestResources::new(readiness, true, data_ready, env.paths.data_root.clone()).with_log_level(level.clone());
+        let action = supervise(&env, applied, resources).await;
+        if let Some(h) = &mut host {
+            h.shut_down().await;
+        }
+        action
     })
 }
 
@@ -222,7 +231,7 @@ fn host_reconciler(env: &Environment, level: Option<Arc<LevelHandle>>) -> HostRe
 async fn supervise(
     env: &Environment,
     applied: Option<AppliedConfig>,
-    level: Option<Arc<LevelHandle>>,
+    resources: GuestResources,
 ) -> anyhow::Result<Action> {
     // Signals first, so a poweroff request during start-up is not lost.
     let mut sigchld = signal(SignalKind::child())?;
@@ -231,15 +240,14 @@ async fn supervise(
     let mut sigusr2 = signal(SignalKind::user_defined2())?;
 
     let cfg = applied.as_ref().map(|a| a.config.clone());
-    let reconcile = host_reconciler(env, level);
-    if let Some(cfg) = &cfg {
-        for problem in reconcile(cfg.clone()).await {
-            error!("{problem}");
-        }
-    }
     let guests = cfg.as_ref().map(|c| c.guests.clone()).unwrap_or_default();
     let on_idle = cfg.as_ref().map(|c| c.host.on_idle).unwrap_or_default();
-    let sup = Arc::new(Mutex::new(Supervisor::new(env.paths.clone(), &guests, true)));
+    let mut sup = Supervisor::new(env.paths.clone(), &guests, true);
+    for g in &guests {
+        sup.set_resources(&g.name, resources.prepare(g).await);
+    }
+    let sup = Arc::new(Mutex::new(sup));
+    let (host_reconcile, prepare_guest) = resources.hooks();
     let mut changes = lock(&sup).subscribe();
     let ctx = Arc::new(ApiContext {
         sup: sup.clone(),
@@ -250,7 +258,8 @@ async fn supervise(
         os_release: env.os_release.clone(),
         data_root: env.paths.data_root.clone(),
         apply_lock: tokio::sync::Mutex::new(()),
-        host_reconcile: reconcile,
+        host_reconcile,
+        prepare_guest,
     });
     if let Err(e) = crate::api::serve_unix(ctx.clone(), &env.api_socket).await {
         error!("cannot serve the control API on {}: {e}", env.api_socket.display());

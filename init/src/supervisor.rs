@@ -20,8 +20,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,6 +225,8 @@ pub enum AfterStop {
 pub enum OpError {
     #[error("no guest named `{0}`; `keelctl list` shows the declared guests")]
     NoSuchGuest(String),
+    #[error("guest `{name}` cannot start: {}", reasons.join("; "))]
+    Blocked { name: String, reasons: Vec<String> },
     #[error("guest `{name}` is {state}: {hint}")]
     WrongState {
         name: String,
@@ -245,6 +249,21 @@ struct Slot {
     /// The VMM's last message on stderr (its error line when it fails).
     last_vmm_message: Arc<Mutex<Option<String>>>,
     last_exit: Option<String>,
+    /// What the host prepared for this guest: its taps (held open here for the
+    /// guest's lifetime, so they survive VMM restarts and vanish with the guest)
+    /// and why it cannot start, if it cannot.
+    resources: Prepared,
+    /// Resources for `pending_spec`.
+    pending_resources: Option<Prepared>,
+}
+
+/// The host side of a guest, prepared before it is added (taps need async
+/// netlink, the supervisor is synchronous).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub taps: Vec<crate::net::tap::Tap>,
+    /// Why the guest cannot start (a bridge or volume is missing); empty when it can.
+    pub blockers: Vec<String>,
 }
 
 /// A snapshot of one guest for the API.
@@ -289,7 +308,7 @@ impl Supervisor {
             relay,
         };
         for g in guests {
-            sup.add(g.clone());
+            sup.add(g.clone(), Prepared::default());
         }
         sup
     }
@@ -307,7 +326,7 @@ impl Supervisor {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    fn add(&mut self, spec: Guest) {
+    fn add(&mut self, spec: Guest, resources: Prepared) {
         let name = spec.name.value.clone();
         let console = ConsoleHub::new(&name, Some(&self.paths.log_dir), self.relay);
         self.guests.insert(
@@ -323,6 +342,8 @@ impl Supervisor {
                 console_cancel: Arc::new(AtomicBool::new(false)),
                 last_vmm_message: Arc::new(Mutex::new(None)),
                 last_exit: None,
+                resources,
+                pending_resources: None,
             },
         );
         self.bump();
@@ -410,9 +431,22 @@ impl Supervisor {
         }
     }
 
+    /// Hands a guest what the host prepared for it (boot: after bring-up).
+    pub fn set_resources(&mut self, name: &str, resources: Prepared) {
+        if let Some(slot) = self.guests.get_mut(name) {
+            slot.resources = resources;
+        }
+    }
+
     /// An operator's start: from defined, stopped, crashed or backoff (now).
     pub fn start(&mut self, name: &str) -> Result<(), OpError> {
         let slot = self.slot_mut(name)?;
+        if !slot.resources.blockers.is_empty() {
+            return Err(OpError::Blocked {
+                name: name.into(),
+                reasons: slot.resources.blockers.clone(),
+            });
+        }
         match slot.state {
             State::Defined | State::Stopped { .. } | State::Crashed { .. } | State::Backoff { .. } => {
                 slot.history.reset();
@@ -552,7 +586,17 @@ impl Supervisor {
         if let Some(spec) = slot.pending_spec.take() {
             slot.spec = spec;
         }
+        if let Some(r) = slot.pending_resources.take() {
+            slot.resources = r;
+        }
         slot.after_stop = AfterStop::Stop;
+        if !slot.resources.blockers.is_empty() {
+            let reason = format!("not started: {}", slot.resources.blockers.join("; "));
+            warn!(guest = name, "{reason}");
+            slot.state = State::Stopped { reason };
+            self.bump();
+            return;
+        }
         slot.console_cancel = Arc::new(AtomicBool::new(false));
         match spawn(&slot.spec, &paths, slot) {
             Ok(pid) => {
@@ -787,10 +831,10 @@ impl Supervisor {
     // ------------------------------------------------------------ config apply
 
     /// Adds a guest from a newly applied config; started if `autostart`.
-    pub fn add_guest(&mut self, spec: Guest) {
+    pub fn add_guest(&mut self, spec: Guest, resources: Prepared) {
         let name = spec.name.value.clone();
         let autostart = spec.autostart;
-        self.add(spec);
+        self.add(spec, resources);
         if autostart {
             self.spawn_guest(&name);
         }
@@ -808,14 +852,16 @@ impl Supervisor {
     /// Replaces a guest's spec and restarts it with the new one if it is running;
     /// otherwise the new spec is used at its next start. Returns the stop handle
     /// to press the power button on.
-    pub fn replace_and_restart(&mut self, spec: Guest, timeout: Duration) -> Option<StopHandle> {
+    pub fn replace_and_restart(&mut self, spec: Guest, resources: Prepared, timeout: Duration) -> Option<StopHandle> {
         let name = spec.name.value.clone();
         let slot = self.guests.get_mut(&name)?;
         if slot.state.pid().is_some() {
             slot.pending_spec = Some(spec);
+            slot.pending_resources = Some(resources);
             self.begin_stop(&name, timeout, AfterStop::Restart).ok().flatten()
         } else {
             slot.spec = spec;
+            slot.resources = resources;
             self.bump();
             None
         }
@@ -860,8 +906,15 @@ fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i32> {
     let listener = UnixListener::bind(&console_path)?;
     std::fs::set_permissions(&console_path, std::fs::Permissions::from_mode(0o600))?;
     slot.console.serve_vmm(listener, slot.console_cancel.clone())?;
-    let spawned = Command::new(&paths.vmm)
-        .args(vmm_command::args(g, paths))
+    let tap_fds: Vec<RawFd> = slot.resources.taps.iter().map(|t| t.fd.as_raw_fd()).collect();
+    let mut cmd = Command::new(&paths.vmm);
+    cmd.args(vmm_command::args(g, paths));
+    if !tap_fds.is_empty() {
+        // SAFETY: the closure only calls fcntl/dup2 (async-signal-safe) on fds this
+        // process owns; see `place_fds`.
+        unsafe { cmd.pre_exec(move || place_fds(&tap_fds)) };
+    }
+    let spawned = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -882,6 +935,31 @@ fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i32> {
     }
     // The child is reaped by keel-init's waitpid loop, not through this handle.
     Ok(child.id() as i32)
+}
+
+/// In the child between fork and exec: puts `fds` at 3, 4, ... (where
+/// `vmm_command::args` says `--net fd=N`), without close-on-exec. Each is first
+/// copied above the target range, so a source that sits at a target number is
+/// not overwritten before it is moved.
+fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
+    let base = vmm_command::FIRST_PASSED_FD;
+    let high = base + fds.len() as RawFd;
+    let mut copies = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        // SAFETY: fcntl on an fd we own; F_DUPFD_CLOEXEC returns a new fd >= high.
+        let c = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high) };
+        if c < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        copies.push(c);
+    }
+    for (i, c) in copies.into_iter().enumerate() {
+        // SAFETY: dup2 onto the target number; the new fd has no close-on-exec.
+        if unsafe { libc::dup2(c, base + i as RawFd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Copies a pipe to the appliance console line by line with a prefix, keeping the
@@ -1003,6 +1081,16 @@ mod tests {
         assert_eq!(sup.state("g"), Some(&State::Defined));
         assert!(matches!(sup.start("nope"), Err(OpError::NoSuchGuest(_))));
         assert!(matches!(sup.check_pausable("g", true), Err(OpError::WrongState { .. })));
+        // A blocked guest is refused with its reasons.
+        sup.set_resources(
+            "g",
+            Prepared {
+                taps: Vec::new(),
+                blockers: vec!["bridge br0 is not up".into()],
+            },
+        );
+        assert!(matches!(sup.start("g"), Err(OpError::Blocked { .. })));
+        sup.set_resources("g", Prepared::default());
         // The VMM binary does not exist: the start fails visibly, it does not hang.
         sup.start("g").unwrap();
         match sup.state("g") {

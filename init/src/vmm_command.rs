@@ -78,6 +78,9 @@ impl Paths {
     }
 }
 
+/// The first fd number taps are passed at (`--net fd=3`, `fd=4`, ...).
+pub const FIRST_PASSED_FD: i32 = 3;
+
 /// What Keel puts on every guest's command line before the operator's part:
 /// the serial console, reboot through the i8042 (which ends keel-vmm with its
 /// reboot code), no PCI probing (devices are virtio-mmio), and the guest's name
@@ -116,6 +119,21 @@ pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
     if let Some(initrd) = &g.initrd {
         a.push("--initrd".into());
         a.push(paths.boot_file(initrd, &paths.default_initrd).into());
+    }
+    // Disks in declaration order: vda, vdb, ...
+    for d in &g.disks {
+        let mut spec = OsString::from("path=");
+        spec.push(paths.pool_file(&d.volume));
+        if d.readonly {
+            spec.push(",readonly=on");
+        }
+        a.push("--disk".into());
+        a.push(spec);
+    }
+    // NICs: the taps keel-init opened, passed as fds 3, 4, ... (see supervisor).
+    for (i, _) in g.nics.iter().enumerate() {
+        a.push("--net".into());
+        a.push(format!("fd={},mac={}", FIRST_PASSED_FD + i as i32, g.nic_mac(i)).into());
     }
     a
 }
@@ -161,5 +179,32 @@ mod tests {
             ]
         );
         assert_eq!(a[14..], ["--initrd", layout::DEFAULT_GUEST_INITRD]);
+    }
+
+    #[test]
+    fn disks_and_nics_become_vmm_devices() {
+        let text = "version: 1\nstorage: {pools: [{name: p}]}\nnetwork:\n  bridges:\n    - {name: br0, mode: isolated, address: 10.1.0.1/24}\nguests:\n  - name: g\n    memory: 64MiB\n    disks:\n      - {volume: p/root, size: 1GiB}\n      - {volume: p/iso, size: 1GiB, readonly: true}\n    nics: [{bridge: br0, mac: '52:54:00:00:00:01'}, {bridge: br0}]\n";
+        let cfg = crate::config::parse_str(text).expect("valid").config;
+        let paths = Paths {
+            data_root: "/data".into(),
+            ..Paths::default()
+        };
+        let a: Vec<String> = args(&cfg.guests[0], &paths)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let tail = &a[a.len() - 8..];
+        assert_eq!(
+            tail[..6],
+            [
+                "--disk",
+                "path=/data/pools/p/root",
+                "--disk",
+                "path=/data/pools/p/iso,readonly=on",
+                "--net",
+                "fd=3,mac=52:54:00:00:00:01"
+            ]
+        );
+        assert_eq!(tail[7], format!("fd=4,mac={}", cfg.guests[0].nic_mac(1)));
     }
 }

@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 
 pub use server::{serve_tcp, serve_unix};
 
-use crate::config::Config;
-use crate::supervisor::{GuestStatus, Supervisor};
+use crate::config::{Config, Guest};
+use crate::supervisor::{GuestStatus, Prepared, Supervisor};
 
 /// The Upgrade protocol name of a console stream.
 pub const CONSOLE_PROTOCOL: &str = "keel-console";
@@ -51,6 +51,10 @@ pub struct AppliedConfig {
 /// volumes, networks, hostname, log level); returns one line per problem.
 /// Supplied by whoever runs the API (PID 1 or test mode).
 pub type HostReconcile = Arc<dyn Fn(Config) -> BoxFuture<'static, Vec<String>> + Send + Sync>;
+
+/// Prepares the host side of a guest about to be added or changed: its taps,
+/// and why it cannot start if its bridge or volume is missing.
+pub type PrepareGuest = Arc<dyn Fn(Guest) -> BoxFuture<'static, Prepared> + Send + Sync>;
 
 /// Everything request handlers act on.
 pub struct ApiContext {
@@ -68,6 +72,7 @@ pub struct ApiContext {
     /// One apply at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
     pub host_reconcile: HostReconcile,
+    pub prepare_guest: PrepareGuest,
 }
 
 impl ApiContext {

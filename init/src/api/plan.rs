@@ -74,6 +74,16 @@ pub struct Plan {
     pub sections: Vec<SectionPlan>,
 }
 
+impl GuestPlan {
+    /// Whether the changes reach the VM itself (not just autostart or restart policy).
+    pub fn affects_vm(&self) -> bool {
+        self.changes.iter().any(|c| {
+            let top = c.field.split(['.', '[']).next().unwrap_or("");
+            !LIVE_FIELDS.contains(&top)
+        })
+    }
+}
+
 impl Plan {
     /// Whether applying would change anything.
     pub fn is_noop(&self) -> bool {
@@ -104,23 +114,19 @@ pub fn compute(old: Option<&Config>, new: &Config, is_active: impl Fn(&str) -> b
                 changes: Vec::new(),
             },
             Some(o) => {
-                let changes = diff_values(&to_json(o), &to_json(g));
-                let vm_affected = changes.iter().any(|c| {
-                    let top = c.field.split(['.', '[']).next().unwrap_or("");
-                    !LIVE_FIELDS.contains(&top)
-                });
-                let action = if changes.is_empty() {
-                    GuestAction::Unchanged
-                } else if vm_affected && is_active(&name) {
-                    GuestAction::Restart
-                } else {
-                    GuestAction::Update
-                };
-                GuestPlan {
+                let mut plan = GuestPlan {
                     guest: name,
-                    action,
-                    changes,
+                    action: GuestAction::Unchanged,
+                    changes: diff_values(&to_json(o), &to_json(g)),
+                };
+                if !plan.changes.is_empty() {
+                    plan.action = if plan.affects_vm() && is_active(&plan.guest) {
+                        GuestAction::Restart
+                    } else {
+                        GuestAction::Update
+                    };
                 }
+                plan
             }
         };
         guests.push(plan);

@@ -155,7 +155,7 @@ impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         let status = match e {
             OpError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
-            OpError::WrongState { .. } => StatusCode::CONFLICT,
+            OpError::WrongState { .. } | OpError::Blocked { .. } => StatusCode::CONFLICT,
         };
         ApiError::new(status, e.to_string())
     }
@@ -562,17 +562,30 @@ async fn apply(
         .filter(|g| g.action != plan::GuestAction::Unchanged)
         .map(|g| g.guest.clone())
         .collect();
-    {
-        let mut sup = ctx.sup();
-        for g in &plan.guests {
-            let spec = config.guests.iter().find(|s| s.name.value == g.guest).cloned();
-            match (&g.action, spec) {
-                (plan::GuestAction::Start | plan::GuestAction::Add, Some(spec)) => sup.add_guest(spec),
-                (plan::GuestAction::Restart, Some(spec)) => stops.extend(sup.replace_and_restart(spec, stop_timeout)),
-                (plan::GuestAction::Update, Some(spec)) => sup.update_spec(spec),
-                (plan::GuestAction::Remove, _) => stops.extend(sup.remove_guest(&g.guest, stop_timeout)),
-                _ => {}
+    for g in &plan.guests {
+        let Some(spec) = config.guests.iter().find(|s| s.name.value == g.guest).cloned() else {
+            if g.action == plan::GuestAction::Remove {
+                stops.extend(ctx.sup().remove_guest(&g.guest, stop_timeout));
             }
+            continue;
+        };
+        // Taps and blockers first (async), then the supervisor (sync, locked).
+        match g.action {
+            plan::GuestAction::Start | plan::GuestAction::Add => {
+                let prepared = (ctx.prepare_guest)(spec.clone()).await;
+                ctx.sup().add_guest(spec, prepared);
+            }
+            plan::GuestAction::Restart => {
+                let prepared = (ctx.prepare_guest)(spec.clone()).await;
+                stops.extend(ctx.sup().replace_and_restart(spec, prepared, stop_timeout));
+            }
+            plan::GuestAction::Update if g.affects_vm() => {
+                // Not running: the new settings (and taps) are used at its next start.
+                let prepared = (ctx.prepare_guest)(spec.clone()).await;
+                stops.extend(ctx.sup().replace_and_restart(spec, prepared, stop_timeout));
+            }
+            plan::GuestAction::Update => ctx.sup().update_spec(spec),
+            plan::GuestAction::Remove | plan::GuestAction::Unchanged => {}
         }
     }
     futures::future::join_all(stops.iter().map(|h| h.press_power_button())).await;
