@@ -167,7 +167,7 @@ pub fn run_test_mode(env: Environment, config_file: &Path) -> i32 {
         let mut readiness = Readiness::default();
         readiness.update_storage(&cfg, &report);
         let resources = GuestResources::new(readiness, false, true, root);
-        supervise(&env, Some(applied), resources).await
+        supervise(&env, Some(applied), resources, None).await
     });
     match outcome {
         Ok(action) => {
@@ -219,7 +219,12 @@ fn serve_appliance(level: Arc<LevelHandle>) -> anyhow::Result<Action> {
         let data_ready = host.as_ref().is_some_and(|h| h.data_mounted);
         let resources =
             GuestResources::new(readiness, true, data_ready, env.paths.data_root.clone()).with_log_level(level.clone());
-        let action = supervise(&env, applied, resources).await;
+        let window = applied
+            .as_ref()
+            .map(|a| a.config.update.health_window.get())
+            .unwrap_or(Duration::from_secs(60));
+        let update = update_watch(window).await;
+        let action = supervise(&env, applied, resources, update).await;
         if let Some(h) = &mut host {
             h.shut_down().await;
         }
@@ -232,6 +237,7 @@ async fn supervise(
     env: &Environment,
     applied: Option<AppliedConfig>,
     resources: GuestResources,
+    mut update: Option<UpdateWatch>,
 ) -> anyhow::Result<Action> {
     // Signals first, so a poweroff request during start-up is not lost.
     let mut sigchld = signal(SignalKind::child())?;
@@ -260,6 +266,7 @@ async fn supervise(
         apply_lock: tokio::sync::Mutex::new(()),
         host_reconcile,
         prepare_guest,
+        update: update.as_ref().map(|w| w.agent.clone()),
     });
     if let Err(e) = crate::api::serve_unix(ctx.clone(), &env.api_socket).await {
         error!("cannot serve the control API on {}: {e}", env.api_socket.display());
@@ -270,7 +277,14 @@ async fn supervise(
     lock(&sup).start_autostart();
 
     let action = loop {
-        let next = lock(&sup).tick();
+        let mut next = lock(&sup).tick();
+        if let Some(w) = &mut update {
+            match w.step(&ctx, &sup) {
+                HealthStep::Reboot => break Action::Reboot,
+                HealthStep::WakeAt(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                HealthStep::Nothing => {}
+            }
+        }
         let sleep = tokio::time::sleep_until(next.map(tokio::time::Instant::from_std).unwrap_or_else(far_future));
         tokio::select! {
             _ = sigchld.recv() => reap(&sup),
@@ -303,6 +317,96 @@ async fn supervise(
     reap(&sup);
     let _ = std::fs::remove_file(&env.api_socket);
     Ok(action)
+}
+
+/// Health-gated blessing of an updated OS (DESIGN.md "A/B updates"): once the
+/// config is applied and every autostart guest has run for the health window,
+/// the booted entry is blessed; a trial boot that cannot get healthy is given up
+/// by rebooting, so systemd-boot spends its next try (or falls back).
+pub struct UpdateWatch {
+    agent: Arc<crate::update::Agent>,
+    assessment: crate::update::health::Assessment,
+    window: Duration,
+}
+
+enum HealthStep {
+    Nothing,
+    WakeAt(Instant),
+    Reboot,
+}
+
+impl UpdateWatch {
+    fn step(&mut self, ctx: &ApiContext, sup: &Mutex<Supervisor>) -> HealthStep {
+        use crate::update::health::{self, Action as H};
+        let now = Instant::now();
+        let applied_at = *ctx.config_applied_at.lock().unwrap_or_else(|p| p.into_inner());
+        let verdict = health::assess(now, applied_at, &lock(sup).health(), self.window);
+        match self.assessment.step(now, &verdict) {
+            H::Bless => {
+                match self.agent.bless() {
+                    Ok(r) => info!("the system is healthy: boot entry blessed ({r:?})"),
+                    Err(e) => error!("the system is healthy but blessing failed: {e}"),
+                }
+                HealthStep::Nothing
+            }
+            H::GiveUp(reason) => {
+                error!(
+                    "this trial boot will not become healthy ({reason}); rebooting so the boot loader tries again or falls back"
+                );
+                HealthStep::Reboot
+            }
+            H::Wait(Some(t)) => HealthStep::WakeAt(t),
+            H::Wait(None) | H::Idle => HealthStep::Nothing,
+        }
+    }
+}
+
+/// Mounts the ESP read-write and sets up the update agent for the running version.
+async fn update_watch(window: Duration) -> Option<UpdateWatch> {
+    let Some(version) = crate::api::host::os_version(Path::new(layout::OS_RELEASE)) else {
+        warn!("no IMAGE_VERSION in {}: boot blessing is off", layout::OS_RELEASE);
+        return None;
+    };
+    let dev = tokio::task::spawn_blocking(|| partitions::wait_for_label(layout::ESP_LABEL, Duration::from_secs(5)))
+        .await
+        .ok()
+        .flatten();
+    let Some(dev) = dev else {
+        error!(
+            "no partition labelled {} found: boot blessing and updates are off",
+            layout::ESP_LABEL
+        );
+        return None;
+    };
+    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC;
+    if let Err(e) = mounts::mount_device(
+        &dev,
+        layout::ESP_MOUNT,
+        "vfat",
+        flags,
+        Some("flush,fmask=0177,dmask=0077"),
+    ) {
+        error!("{e}: boot blessing and updates are off");
+        return None;
+    }
+    match crate::update::Agent::for_this_system(layout::ESP_MOUNT.into(), version) {
+        Ok(agent) => {
+            let assessment = crate::update::health::Assessment::new(window, agent.on_trial(), Instant::now());
+            info!(
+                on_trial = agent.on_trial(),
+                "boot health check armed (window {window:?})"
+            );
+            Some(UpdateWatch {
+                agent: Arc::new(agent),
+                assessment,
+                window,
+            })
+        }
+        Err(e) => {
+            error!("update agent: {e}: boot blessing and updates are off");
+            None
+        }
+    }
 }
 
 /// `host.api`: the TCP listener, if its token file is usable.

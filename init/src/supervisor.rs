@@ -783,6 +783,23 @@ impl Supervisor {
             .min()
     }
 
+    /// Each guest as the update agent's health check sees it: running since when,
+    /// or given up on (crash loop, cannot start, held back by a missing resource).
+    pub fn health(&self) -> Vec<crate::update::health::GuestHealth> {
+        self.guests
+            .values()
+            .map(|s| crate::update::health::GuestHealth {
+                name: s.spec.name.value.clone(),
+                autostart: s.spec.autostart,
+                running_since: match s.state {
+                    State::Running { since, .. } | State::Paused { since, .. } => Some(since),
+                    _ => None,
+                },
+                failed: matches!(s.state, State::Crashed { .. }) || !s.resources.blockers.is_empty(),
+            })
+            .collect()
+    }
+
     /// Whether no guest is running, stopping or waiting to restart.
     pub fn idle(&self) -> bool {
         self.guests.values().all(|s| !s.state.is_active())

@@ -73,6 +73,9 @@ pub struct ApiContext {
     pub apply_lock: tokio::sync::Mutex<()>,
     pub host_reconcile: HostReconcile,
     pub prepare_guest: PrepareGuest,
+    /// The update agent (PID 1 with a mounted ESP only): for the update and
+    /// rollback endpoints of issue 8.
+    pub update: Option<Arc<crate::update::Agent>>,
 }
 
 impl ApiContext {
