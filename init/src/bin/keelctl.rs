@@ -36,10 +36,10 @@ Examples:
   keelctl --json list | jq '.[].state'
 
 Exit codes:
-  0 success            4 no such guest        7 diff: the config differs
-  1 failed             5 wrong state for that 
-  2 usage error        6 invalid config (apply/diff)
-  3 cannot reach or not allowed by the API";
+  0 success                               4 no such guest
+  1 failed (also: a started guest crashed) 5 the guest's state does not allow it
+  2 usage error                           6 invalid config (apply, diff)
+  3 cannot reach the API, or not allowed  7 diff: the config differs";
 
 /// Exit codes (see `--help`).
 const EXIT_FAILED: u8 = 1;
@@ -596,7 +596,8 @@ fn print_plan(plan: &Plan, details: bool) {
                 println!("      {s}");
             }
         } else {
-            println!("{mark} {:<20} {:<9} {}", g.guest, g.action.as_str(), summary.join("; "));
+            let line = format!("{mark} {:<20} {:<9} {}", g.guest, g.action.as_str(), summary.join("; "));
+            println!("{}", line.trim_end());
         }
     }
     for s in &plan.sections {
