@@ -227,3 +227,66 @@ fn metrics_parse_as_prometheus_text() {
     assert!(host["memory_total_bytes"].as_u64().unwrap() > 0);
     assert_eq!(host["pools"][0]["name"], "images");
 }
+
+#[test]
+fn the_tcp_listener_wants_the_bearer_token_and_streams_logs() {
+    if !require_kvm_and_root() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = CONFIG.replace(
+        "version: 1\n",
+        &format!("version: 1\nhost: {{api: {{listen: 127.0.0.1:{port}}}}}\n"),
+    );
+    let token = "0123456789abcdef-test-token";
+    let app = Appliance::start_with(
+        &config,
+        &[("counter.elf", elf_kernel(&counter_guest()))],
+        &[("run/keel/config/api-token", token.as_bytes())],
+    );
+    app.wait_status("alpha", Duration::from_secs(10), |s| state(s) == "running");
+    let url = format!("http://127.0.0.1:{port}");
+    let tcp = |token: &str, args: &[&str]| {
+        Command::new(keelctl_bin())
+            .args(["--host", &url, "--token", token])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = tcp(token, &["list"]);
+    assert!(ok.status.success(), "{ok:?}\n{}", app.log());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("alpha"));
+    let wrong = tcp("not-the-token-at-all", &["list"]);
+    assert_eq!(wrong.status.code(), Some(3), "{wrong:?}");
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("bearer token"));
+
+    // `logs -f` over TCP keeps streaming: more arrives than the tail it starts with.
+    let tail_len = tcp(token, &["logs", "-n", "1", "alpha"]).stdout.len();
+    let want = tail_len + 30;
+    let mut follow = Command::new(keelctl_bin())
+        .args(["--host", &url, "--token", token, "logs", "-f", "-n", "1", "alpha"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follow.stdout.take().unwrap();
+    let mut seen = 0usize;
+    let mut buf = [0u8; 512];
+    let start = std::time::Instant::now();
+    while seen < want && start.elapsed() < Duration::from_secs(10) {
+        use std::io::Read;
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen += n,
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen >= want,
+        "logs -f streamed {seen} bytes, the tail alone was {tail_len}"
+    );
+}

@@ -164,7 +164,18 @@ pub struct Appliance {
 impl Appliance {
     /// Writes each `(file, bytes)` into pool `images` and starts keel-init with `config`.
     pub fn start(config: &str, kernels: &[(&str, Vec<u8>)]) -> Appliance {
+        Self::start_with(config, kernels, &[])
+    }
+
+    /// Like [`Appliance::start`], with extra files (path under the root, content)
+    /// written first, e.g. an API token on KEEL-CONFIG.
+    pub fn start_with(config: &str, kernels: &[(&str, Vec<u8>)], files: &[(&str, &[u8])]) -> Appliance {
         let root = tempfile::tempdir().expect("temp root");
+        for (rel, bytes) in files {
+            let p = root.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        }
         let pool = root.path().join("var/lib/keel/pools/images");
         std::fs::create_dir_all(&pool).unwrap();
         for (name, bytes) in kernels {
