@@ -93,7 +93,10 @@ fn start_stop_pause_and_resume_a_guest() {
     // `logs` serves the same bytes; `-n 1` the last line of them.
     assert_eq!(app.ok(&["logs", "counter"]), log);
     let last = app.ok(&["logs", "counter", "-n", "1"]);
-    assert!(log.ends_with(&last) && !last[..last.len().saturating_sub(1)].contains('\n'), "{last:?}");
+    assert!(
+        log.ends_with(&last) && !last[..last.len().saturating_sub(1)].contains('\n'),
+        "{last:?}"
+    );
 }
 
 #[test]
