@@ -20,6 +20,9 @@ pub const DEFAULT_GUEST_KERNEL: &str = "/usr/lib/keel/guest/bzImage";
 pub const DEFAULT_GUEST_INITRD: &str = "/usr/lib/keel/guest/initrd";
 /// The image's os-release (the same text as the UKI's `.osrel`), so PID 1 knows its version.
 pub const OS_RELEASE: &str = "/etc/os-release";
+/// The update keys (`update.trusted_keys`, one `ed25519:BASE64` per line). keel-init
+/// reads them only from here, never from KEEL-CONFIG, which is writable.
+pub const TRUSTED_KEYS: &str = keel_init::update::TRUSTED_KEYS_FILE;
 /// Host tools PID 1 runs: formatting, checking and growing KEEL-DATA and pool volumes.
 pub const HOST_PROGRAMS: [&str; 3] = ["/sbin/mke2fs", "/sbin/e2fsck", "/sbin/resize2fs"];
 
@@ -37,6 +40,8 @@ pub struct HostInitramfs {
     pub guest_initrd: Vec<u8>,
     /// `.osrel` text of the image.
     pub os_release: String,
+    /// Public keys update bundles must be signed with (`update.trusted_keys`).
+    pub trusted_keys: Vec<String>,
     /// mtime of every entry (seconds since 1970).
     pub mtime: u32,
 }
@@ -56,6 +61,8 @@ impl HostInitramfs {
         b.host_file(DEFAULT_GUEST_KERNEL, &self.guest_kernel, 0o644)?;
         b.file(DEFAULT_GUEST_INITRD, 0o644, self.guest_initrd.as_slice())?;
         b.file(OS_RELEASE, 0o644, self.os_release.as_bytes())?;
+        let keys: String = self.trusted_keys.iter().map(|k| format!("{}\n", k.trim())).collect();
+        b.file(TRUSTED_KEYS, 0o644, keys)?;
         b.build()
     }
 }

@@ -1,6 +1,7 @@
 //! keel-image: builds and inspects Keel appliance disk images.
 
 pub mod build;
+pub mod bundle;
 pub mod fat;
 pub mod flash;
 pub mod gpt_layout;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use keel_image::build::{self, ImageInputs};
 use keel_image::host_initramfs::HostInitramfs;
-use keel_image::{flash, identity, inspect, qemu, uki};
+use keel_image::{bundle, flash, identity, inspect, qemu, uki};
 use keel_init::config::ByteSize;
 
 /// The default kernel command line of the host, from kernel-config/cmdline.
@@ -104,6 +104,75 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate an ed25519 key pair for signing update bundles.
+    #[command(after_help = KEYGEN_HELP)]
+    Keygen {
+        /// Path prefix: writes PREFIX.key (secret, mode 0600) and PREFIX.pub.
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign an OS version (a UKI) into an update bundle for `keelctl update`.
+    #[command(after_help = BUNDLE_HELP)]
+    Bundle(BundleArgs),
+    /// Check an update bundle: signature by KEY, manifest, size and sha256 of the UKI.
+    #[command(
+        after_help = "Examples:\n  keel-image verify update.keel --key release.pub\n  keel-image verify --json update.keel --key release.pub | jq .version\n\nExit status: 0 only for an intact bundle signed by that key."
+    )]
+    Verify {
+        bundle: PathBuf,
+        /// The public key (.pub file from `keel-image keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const KEYGEN_HELP: &str = "\
+Examples:
+  keel-image keygen --output keys/release
+  # then in keel.yaml, so images built from it accept bundles signed with it:
+  #   update:
+  #     trusted_keys:
+  #       - ed25519:...   (the content of keys/release.pub)
+
+Never overwrites an existing key. Keep PREFIX.key secret; PREFIX.pub may be published.";
+
+const BUNDLE_HELP: &str = "\
+Examples:
+  keel-image bundle --image disk.img --key keys/release.key -o keel-1.2.0.keel
+  keel-image bundle --uki keel-1.2.0.efi --version 1.2.0 --key keys/release.key -o update.keel
+  keel-image bundle --image disk.img --key keys/release.key -o update.keel --min-version 1.1.0
+
+--image takes the newest keel-*.efi from the image's ESP and its version from the UKI's
+.osrel. The appliance refuses a bundle older than what it runs (unless
+`keelctl update --allow-downgrade`) and, with --min-version, when it runs an older version.";
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["image", "uki"])))]
+struct BundleArgs {
+    /// A disk image built by `keel-image build`: bundle its UKI.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// A UKI file (needs --version, which must match its .osrel IMAGE_VERSION).
+    #[arg(long, requires = "version")]
+    uki: Option<PathBuf>,
+    /// The UKI's version (with --uki).
+    #[arg(long)]
+    version: Option<String>,
+    /// The secret key (.key file from `keel-image keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The bundle to write (replaced atomically).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Appliances running an older version refuse this bundle.
+    #[arg(long)]
+    min_version: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 const BUILD_HELP: &str = "\
@@ -202,6 +271,9 @@ fn main() -> ExitCode {
             yes,
             json,
         } => cmd_flash(&image, &device, yes, json),
+        Command::Keygen { output, json } => cmd_keygen(&output, json),
+        Command::Bundle(args) => cmd_bundle(args),
+        Command::Verify { bundle, key, json } => cmd_verify(&bundle, &key, json),
     };
     match result {
         Ok(code) => code,
@@ -251,6 +323,21 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
         bar.suspend(|| eprint!("{rendered}"));
     }
     let config_yaml = read(&args.config, "config")?;
+    let trusted_keys: Vec<String> = loaded
+        .config
+        .update
+        .trusted_keys
+        .iter()
+        .map(|k| k.value.clone())
+        .collect();
+    if args.initramfs.is_some() && !trusted_keys.is_empty() {
+        bar.suspend(|| {
+            eprintln!(
+                "warning: update.trusted_keys are not added to a prebuilt --initramfs; put them in its {} yourself",
+                keel_image::host_initramfs::TRUSTED_KEYS
+            )
+        });
+    }
     bar.inc(1);
 
     uki::validate_version(&args.version).map_err(anyhow::Error::msg)?;
@@ -293,6 +380,7 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
                 guest_kernel,
                 guest_initrd,
                 os_release: uki::os_release(&args.version),
+                trusted_keys: trusted_keys.clone(),
                 mtime,
             };
             let cpio = spec.build().context("assembling the initramfs")?;
@@ -466,6 +554,72 @@ fn cmd_flash(image: &Path, device: &Path, yes: bool, json: bool) -> Result<ExitC
             report.write_secs,
             report.verify_secs,
             report.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_keygen(prefix: &Path, json: bool) -> Result<ExitCode> {
+    let pair = bundle::keygen(prefix)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&pair)?);
+    } else {
+        println!(
+            "wrote {} (secret, mode 0600) and {}\nadd to keel.yaml under update.trusted_keys:\n  - {}",
+            pair.secret.display(),
+            pair.public.display(),
+            pair.public_key
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_bundle(args: BundleArgs) -> Result<ExitCode> {
+    let key = bundle::read_secret_key(&args.key)?;
+    if let Some(min) = &args.min_version {
+        keel_init::update::slots::validate_version(min).map_err(|e| anyhow::anyhow!("--min-version: {e}"))?;
+    }
+    let uki = match (&args.image, &args.uki, &args.version) {
+        (Some(image), None, None) => bundle::uki_from_image(image)?,
+        (Some(_), None, Some(_)) => bail!("--version goes with --uki; with --image the version comes from the UKI"),
+        (None, Some(uki), Some(version)) => bundle::uki_from_file(uki, version)?,
+        _ => bail!("pass either --image disk.img or --uki FILE --version V"),
+    };
+    let created = identity::source_date_epoch().map_err(anyhow::Error::msg)?;
+    let report = bundle::create(&uki, args.min_version.as_deref(), &key, created, &args.output)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "wrote {}: Keel {}, UKI {:.1} MiB sha256 {}, signed by {}",
+            report.output.display(),
+            report.manifest.version,
+            report.manifest.uki_size as f64 / 1048576.0,
+            report.manifest.uki_sha256,
+            report.public_key
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(path: &Path, key: &Path, json: bool) -> Result<ExitCode> {
+    let public = bundle::read_public_key(key)?;
+    let manifest = bundle::verify(path, &public)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        println!(
+            "{}: OK, Keel {}{}, UKI {} bytes sha256 {}, signed by {}",
+            path.display(),
+            manifest.version,
+            manifest
+                .min_version
+                .as_deref()
+                .map(|m| format!(" (for {m} or newer)"))
+                .unwrap_or_default(),
+            manifest.uki_size,
+            manifest.uki_sha256,
+            key.display()
         );
     }
     Ok(ExitCode::SUCCESS)
