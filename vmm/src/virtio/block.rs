@@ -226,18 +226,20 @@ impl Block {
         } else {
             (&self.chain.writable, 0)
         };
-        let mut parts: Vec<VolatileSlice<'_>> = Vec::with_capacity(segments.len());
-        queue_handler::slices(mem, segments, skip, len, &mut parts);
-        let direct_ok = !self.direct
-            || parts.iter().all(|p| {
-                (p.ptr_guard().as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) && p.len().is_multiple_of(DIRECT_ALIGN)
-            });
+        queue_handler::chain_iovecs(mem, segments, skip, len, &mut self.iov.0);
+        let direct_ok =
+            !self.direct
+                || self.iov.0.iter().all(|v| {
+                    (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN) && v.iov_len.is_multiple_of(DIRECT_ALIGN)
+                });
         let result = if direct_ok {
-            queue_handler::iovecs(&parts, &mut self.iov.0);
             let r = full_io(&self.file, &mut self.iov.0, offset, write);
             self.iov.0.clear();
             r
         } else {
+            self.iov.0.clear();
+            let mut parts: Vec<VolatileSlice<'_>> = Vec::with_capacity(segments.len());
+            queue_handler::slices(mem, segments, skip, len, &mut parts);
             self.bounced_io(&parts, offset, len, write)
         };
         result.map_err(|e| {

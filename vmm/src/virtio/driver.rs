@@ -126,6 +126,11 @@ impl SplitRing {
             out.push((id as u16, len));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
+        // With EVENT_IDX: interrupt me at the next completion (used_event sits after the
+        // available ring's entries), as Linux's driver asks after draining the ring.
+        let used_event = self.avail + 4 + 2 * u64::from(self.size);
+        mem.write_obj(self.used_seen.to_le(), GuestAddress(used_event))
+            .expect("used_event");
         out
     }
 }

@@ -110,6 +110,8 @@ pub struct Net<B: NetBackend> {
     tx_blocked: bool,
     /// Receive chains collected for the current frame: (head, writable segments).
     rx_chains: Vec<(u16, Vec<Segment>, u64)>,
+    /// The available index when delivery last ran out of buffers.
+    rx_avail_seen: u16,
     iov: Vec<IoVec>,
     pub stats: NetStats,
 }
@@ -147,6 +149,7 @@ impl<B: NetBackend> Net<B> {
             tap_readable: true,
             tx_blocked: false,
             rx_chains: Vec::new(),
+            rx_avail_seen: 0,
             iov: Vec::new(),
             stats: NetStats::default(),
         }
@@ -290,11 +293,16 @@ impl<B: NetBackend> Net<B> {
                 delivered_any = true;
                 continue;
             }
-            // No buffers: ask the guest to kick us when it posts some; it may already have.
-            if !ctx.queues[RX_QUEUE]
+            // Not enough buffers: ask the guest to kick us when it posts more, and retry
+            // only if it already has (posted past what the failed attempt saw).
+            ctx.queues[RX_QUEUE]
                 .enable_notification(ctx.mem)
+                .map_err(|e| NeedsReset(format!("rx avail ring: {e}")))?;
+            let now = ctx.queues[RX_QUEUE]
+                .avail_idx(ctx.mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(|e| NeedsReset(format!("rx avail ring: {e}")))?
-            {
+                .0;
+            if now == self.rx_avail_seen {
                 break;
             }
         }
@@ -309,27 +317,37 @@ impl<B: NetBackend> Net<B> {
     }
 
     /// Copies the pending frame into receive chains. Ok(false): not enough buffers (the
-    /// chains taken are put back).
+    /// chains taken are put back, and `rx_avail_seen` says how far the guest had posted).
+    ///
+    /// A receive chain that is not a plain device-writable buffer inside guest memory
+    /// means the driver's receive ring is broken: NEEDS_RESET. (Returning it unused
+    /// instead would interleave with the chains held for a mergeable frame, which can
+    /// then not be put back in order.)
     fn deliver(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, NeedsReset> {
         let frame_len = self.rx_len as u64;
         let mergeable = self.mergeable();
         let mut capacity = 0u64;
-        let mut taken = 0usize;
-        let mut dropped_chains: Vec<u16> = Vec::new();
         self.rx_chains.clear();
         while capacity < frame_len {
             if !queue_handler::pop_chain(&mut ctx.queues[RX_QUEUE], ctx.mem, u64::from(u32::MAX), &mut self.chain)? {
-                for _ in 0..taken {
+                for _ in 0..self.rx_chains.len() {
                     queue_handler::unpop_chain(&mut ctx.queues[RX_QUEUE]);
                 }
+                self.rx_avail_seen = ctx.queues[RX_QUEUE]
+                    .avail_idx(ctx.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|e| NeedsReset(format!("rx avail ring: {e}")))?
+                    .0;
                 return Ok(false);
             }
-            taken += 1;
             let c = &self.chain;
-            if c.error.is_some() || !c.readable.is_empty() || c.writable_len < VNET_HDR_LEN as u64 {
-                tracing::debug!("virtio-net: bad receive chain returned unused: {:?}", c.error);
-                dropped_chains.push(c.head);
-                continue;
+            if let Some(e) = &c.error {
+                return Err(NeedsReset(format!("receive buffer: {e}")));
+            }
+            if !c.readable.is_empty() || c.writable_len < VNET_HDR_LEN as u64 {
+                return Err(NeedsReset(format!(
+                    "receive buffer of {} device-readable and {} device-writable bytes",
+                    c.readable_len, c.writable_len
+                )));
             }
             if !mergeable && c.writable_len < frame_len {
                 // One buffer must hold the whole frame without MRG_RXBUF: the frame is
@@ -344,9 +362,6 @@ impl<B: NetBackend> Net<B> {
         let count = self.rx_chains.len() as u16;
         self.rx_buf[NUM_BUFFERS_OFFSET as usize..NUM_BUFFERS_OFFSET as usize + 2]
             .copy_from_slice(&(if mergeable { count } else { 1 }).to_le_bytes());
-        for head in dropped_chains {
-            queue_handler::add_used(&mut ctx.queues[RX_QUEUE], ctx.mem, head, 0)?;
-        }
         let mut offset = 0usize;
         for (head, segments, cap) in &self.rx_chains {
             let n = (self.rx_len - offset).min(*cap as usize);

@@ -268,8 +268,28 @@ pub fn slices<'m>(
     }
 }
 
+/// The segment holding byte `offset` of the chain and the offset inside it.
+fn locate(segments: &[Segment], mut offset: u64) -> Option<(usize, u64)> {
+    for (i, seg) in segments.iter().enumerate() {
+        if offset < u64::from(seg.len) {
+            return Some((i, offset));
+        }
+        offset -= u64::from(seg.len);
+    }
+    None
+}
+
 /// Copies from the chain's buffers (from byte `offset`) into `buf`; returns bytes copied.
 pub fn read_from(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &mut [u8]) -> usize {
+    // Fast path, no allocation: the bytes sit in one buffer (request headers do).
+    if let Some((i, at)) = locate(segments, offset)
+        && at + buf.len() as u64 <= u64::from(segments[i].len)
+    {
+        return match mem.read_slice(buf, segments[i].addr.unchecked_add(at)) {
+            Ok(()) => buf.len(),
+            Err(_) => 0,
+        };
+    }
     let mut done = 0;
     let mut parts = Vec::new();
     slices(mem, segments, offset, buf.len() as u64, &mut parts);
@@ -281,6 +301,14 @@ pub fn read_from(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &mut
 
 /// Copies `buf` into the chain's buffers at byte `offset`; returns bytes copied.
 pub fn write_to(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &[u8]) -> usize {
+    if let Some((i, at)) = locate(segments, offset)
+        && at + buf.len() as u64 <= u64::from(segments[i].len)
+    {
+        return match mem.write_slice(buf, segments[i].addr.unchecked_add(at)) {
+            Ok(()) => buf.len(),
+            Err(_) => 0,
+        };
+    }
     let mut done = 0;
     let mut parts = Vec::new();
     slices(mem, segments, offset, buf.len() as u64, &mut parts);
@@ -290,6 +318,38 @@ pub fn write_to(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &[u8]
         done += n;
     }
     done
+}
+
+/// Appends iovecs for bytes `skip..skip + limit` of the chain straight to `out` (no
+/// intermediate allocation: this is the per-request data path).
+pub fn chain_iovecs(
+    mem: &GuestMemory,
+    segments: &[Segment],
+    mut skip: u64,
+    mut limit: u64,
+    out: &mut Vec<libc::iovec>,
+) {
+    out.clear();
+    for seg in segments {
+        if limit == 0 {
+            break;
+        }
+        let len = u64::from(seg.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let take = (len - skip).min(limit);
+        let start = seg.addr.unchecked_add(skip);
+        skip = 0;
+        limit -= take;
+        for slice in mem.get_slices(start, take as usize).flatten() {
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
 }
 
 /// iovecs for the host slices (for readv/writev straight into guest memory).
