@@ -134,6 +134,16 @@ guests:
     // Applying the same file again is a no-op.
     let again = app.ok(&["diff", &add_file]);
     assert!(again.contains("no changes"), "{again}");
+
+    // A changed guest is restarted with its new settings (graceful stop, killed
+    // at the short deadline since the tiny guest ignores the button).
+    let grow = write(&app, "grow.yaml", next);
+    let out = app.ok(&["apply", &grow, "--stop-timeout", "0.3"]);
+    assert!(out.contains("~ alpha") && out.contains("restart"), "{out}");
+    let alpha = app.status("alpha");
+    assert_eq!((state(&alpha), alpha["memory"].as_str()), ("running", Some("48MiB")));
+    assert_ne!(alpha["pid"].as_i64(), pid_before, "a changed guest must get a new VMM");
+    assert_eq!(app.status("gamma")["restarts"].as_u64(), Some(0), "gamma is unchanged");
 }
 
 #[test]

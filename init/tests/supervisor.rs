@@ -80,6 +80,15 @@ fn start_stop_pause_and_resume_a_guest() {
 
     // Started again by hand.
     assert!(app.ok(&["start", "counter"]).contains("running"));
+    // Reset: a new VMM at once; reboot: graceful stop (killed at the deadline), then started.
+    let pid = app.status("counter")["pid"].as_i64();
+    assert!(app.ok(&["reset", "counter"]).contains("running"));
+    let after_reset = app.status("counter");
+    assert_ne!(after_reset["pid"].as_i64(), pid, "reset must replace the VMM");
+    assert!(app.ok(&["reboot", "--timeout", "0.3", "counter"]).contains("running"));
+    let after_reboot = app.status("counter");
+    assert_ne!(after_reboot["pid"].as_i64(), after_reset["pid"].as_i64());
+    assert_eq!(after_reboot["restarts"].as_u64(), Some(2));
     // Unknown guests are reported with their own exit code.
     let out = app.keelctl(&["start", "nope"]);
     assert_eq!(out.status.code(), Some(4));
@@ -222,4 +231,30 @@ guests:
     assert!(status.success());
     // The output is in the logs too.
     assert!(app.ok(&["logs", "echo"]).contains("got:k"));
+}
+
+#[test]
+fn a_crash_loop_ends_in_crashed_until_started_by_hand() {
+    if !require_kvm_and_root() {
+        return;
+    }
+    let config = "\
+version: 1
+storage: {pools: [{name: images}]}
+guests:
+  - name: faulty
+    memory: 32MiB
+    kernel: images/faulty.elf
+    restart: {policy: always, backoff: 50ms, max_backoff: 100ms, max_restarts: 2, window: 1m}
+";
+    let app = Appliance::start(config, &[("faulty.elf", elf_kernel(&triple_fault_guest()))]);
+    let s = app.wait_status("faulty", Duration::from_secs(15), |s| state(s) == "crashed");
+    assert!(s["reason"].as_str().unwrap().starts_with("crash loop"), "{s}");
+    assert_eq!(s["restarts"].as_u64(), Some(2));
+    let list = app.ok(&["list"]);
+    assert!(list.contains("crashed") && list.contains("crash loop"), "{list}");
+    // An operator's start forgives the history: it runs (and loops) again.
+    let out = app.keelctl(&["start", "faulty"]);
+    assert!(out.status.code() == Some(0) || out.status.code() == Some(1), "{out:?}");
+    app.wait_status("faulty", Duration::from_secs(15), |s| s["restarts"].as_u64() >= Some(3));
 }
