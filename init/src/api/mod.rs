@@ -13,6 +13,8 @@
 //! | `POST /v1/config` | apply a keel.yaml: validate → plan → reconcile; `?dry_run=1` returns the plan only |
 //! | `GET /v1/host` | versions, boot slots, uptime, CPU, memory, pools |
 //! | `GET /metrics` | Prometheus text |
+//! | `POST /v1/update` | body: an update bundle, streamed; `?allow_downgrade=1`, `?reboot=1` ([`update`]) |
+//! | `POST /v1/rollback` | make the previous OS version boot next; `?reboot=1` |
 //!
 //! Errors are `{"error": "...", "details": ["..."]}` with a fitting status:
 //! 400 bad request, 401/403 not allowed, 404 no such guest or path, 409 the
@@ -24,6 +26,7 @@ pub mod host;
 pub mod metrics;
 pub mod plan;
 mod server;
+pub mod update;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
