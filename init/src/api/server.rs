@@ -124,7 +124,11 @@ where
         let access = access.clone();
         async move { Ok::<_, Infallible>(handle(ctx, access, req).await) }
     });
+    // A client that does not finish its request headers in time is dropped, so
+    // idle or half-open TCP connections cannot pile up.
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
         .serve_connection(io, service)
         .with_upgrades()
         .await
@@ -280,10 +284,25 @@ async fn route(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response<
             .await;
             Ok(json(StatusCode::OK, &info))
         }
-        (_, ["v1", "guests", ..] | ["v1", "config"] | ["v1", "host"] | ["metrics"]) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed on /{path}"),
-        )),
+        (&Method::POST, ["v1", "update"]) => super::update::install(
+            ctx.update.clone(),
+            req.into_body(),
+            flag(&q, "allow_downgrade"),
+            flag(&q, "reboot"),
+        )
+        .await
+        .map(|r| json(StatusCode::OK, &r))
+        .map_err(|e| ApiError::new(e.status, e.message)),
+        (&Method::POST, ["v1", "rollback"]) => super::update::rollback(ctx.update.clone(), flag(&q, "reboot"))
+            .await
+            .map(|r| json(StatusCode::OK, &r))
+            .map_err(|e| ApiError::new(e.status, e.message)),
+        (_, ["v1", "guests", ..] | ["v1", "config"] | ["v1", "host"] | ["metrics"] | ["v1", "update" | "rollback"]) => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on /{path}"),
+            ))
+        }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no such API path: /{path}"),
