@@ -152,6 +152,36 @@ impl Client {
         }
     }
 
+    /// Sends a request whose body is streamed (an update bundle) and returns the response.
+    pub async fn send_streaming<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: B,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut sender = self.connect::<B>().await?;
+        let req = self
+            .builder(method, path)
+            .header(CONTENT_TYPE, content_type)
+            .body(body)?;
+        let resp = sender.send_request(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+            error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim()),
+            details: Vec::new(),
+        });
+        Err(ClientError::Api { status, body })
+    }
+
     /// A request whose whole answer is wanted.
     pub async fn call(&self, method: Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<Bytes, ClientError> {
         let resp = self.send(method, path, body).await?;

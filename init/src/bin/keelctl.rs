@@ -15,6 +15,10 @@ use keel_init::api::{ApplyResult, GuestDetail};
 use keel_init::supervisor::GuestStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+// A directory, not src/bin/update.rs, which Cargo would take for a binary of its own.
+#[path = "keelctl/update.rs"]
+mod update;
+
 const AFTER_HELP: &str = "\
 Examples:
   keelctl list                      # every guest, its state and uptime
@@ -32,6 +36,8 @@ Examples:
   keelctl diff keel.yaml            # field-by-field differences
   keelctl host                      # versions, boot slots, CPU, memory, pools
   keelctl metrics                   # Prometheus text
+  keelctl update --reboot keel-1.2.0.keel   # install an OS update (file or URL)
+  keelctl rollback --reboot         # back to the previous OS version
   keelctl --host http://10.0.0.2:7070 --token-file ~/.keel-token list
   keelctl --json list | jq '.[].state'
 
@@ -39,7 +45,20 @@ Exit codes:
   0 success                               4 no such guest
   1 failed (also: a started guest crashed) 5 the guest's state does not allow it
   2 usage error                           6 invalid config (apply, diff)
-  3 cannot reach the API, or not allowed  7 diff: the config differs";
+  3 cannot reach the API, or not allowed  7 diff: the config differs
+                                          8 update: the bundle was refused";
+
+const UPDATE_HELP: &str = "\
+Examples:
+  keelctl update keel-1.2.0.keel
+  keelctl update --reboot https://updates.example.com/keel-1.2.0.keel
+  keelctl update --allow-downgrade keel-1.1.0.keel
+
+The appliance checks the bundle's signature against the keys built into its image and
+the UKI's sha256 while it receives it, and writes nothing final unless all of it checks
+out. The new version boots with 3 tries; it is blessed once the system is healthy for
+update.health_window, else the previous version boots again by itself.
+Exit code 8: the appliance refused the bundle (signature, hash, version, space).";
 
 /// Exit codes (see `--help`).
 const EXIT_FAILED: u8 = 1;
@@ -48,6 +67,7 @@ const EXIT_NO_SUCH_GUEST: u8 = 4;
 const EXIT_WRONG_STATE: u8 = 5;
 const EXIT_INVALID_CONFIG: u8 = 6;
 const EXIT_DIFFERS: u8 = 7;
+const EXIT_UPDATE_REFUSED: u8 = 8;
 
 /// Ctrl-] ends `keelctl console`, as in telnet and virsh.
 const DETACH: u8 = 0x1d;
@@ -147,8 +167,27 @@ enum Command {
     Host,
     /// Prometheus metrics, as served on /metrics.
     Metrics,
-    // Issue 8's verbs (`update FILE|URL [--reboot]`, `rollback`) go here, each a
-    // variant dispatched in `run` to a function that uses the same `Client`.
+    /// Install an OS update: a bundle file or an http(s) URL, verified by the appliance.
+    #[command(after_help = UPDATE_HELP)]
+    Update {
+        /// The bundle (`keel-image bundle` makes one): a path, or an http:// or https:// URL.
+        source: String,
+        /// Reboot into the new version once it is installed.
+        #[arg(long)]
+        reboot: bool,
+        /// Accept a bundle older than the running version.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// Make the previous OS version boot next.
+    #[command(
+        after_help = "Examples:\n  keelctl rollback            # takes effect at the next reboot\n  keelctl rollback --reboot\n\nThe running version is marked as out of tries (it still boots if nothing else can);\nan installed update that has not booted yet is removed."
+    )]
+    Rollback {
+        /// Reboot now.
+        #[arg(long)]
+        reboot: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -172,6 +211,15 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code_for(&e))
         }
     }
+}
+
+/// The appliance refused an update bundle (as opposed to not being reachable).
+fn refused(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ClientError>(),
+        Some(ClientError::Api { status, .. })
+            if matches!(*status, StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT | StatusCode::INSUFFICIENT_STORAGE)
+    )
 }
 
 fn exit_code_for(e: &anyhow::Error) -> u8 {
@@ -311,6 +359,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             std::io::stdout().write_all(&text)?;
             Ok(0)
         }
+        Command::Update {
+            source,
+            reboot,
+            allow_downgrade,
+        } => match update::update(&client, &source, reboot, allow_downgrade, json).await {
+            Err(e) if refused(&e) => {
+                eprintln!("keelctl: error: {e:#}");
+                Ok(EXIT_UPDATE_REFUSED)
+            }
+            other => other,
+        },
+        Command::Rollback { reboot } => update::rollback(&client, reboot, json).await,
     }
 }
 

@@ -13,7 +13,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::slots::{self, EFI_LINUX, RECORDS_DIR, Slot, SlotName};
@@ -101,7 +101,7 @@ pub fn on_trial(efivars: &Path) -> Result<bool, BlessError> {
 }
 
 /// The rename a bless did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Renamed {
     pub from: String,
     pub to: String,

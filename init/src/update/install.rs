@@ -89,7 +89,7 @@ pub struct EspRecord {
 }
 
 /// What an install did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
     pub version: String,
     /// `EFI/Linux/keel-<version>+3.efi`.

@@ -17,7 +17,7 @@
 use std::fs;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::bless::{Renamed, previous_version};
@@ -36,7 +36,7 @@ pub enum RollbackError {
     Fs(#[from] FsError),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolledBack {
     /// The running version.
     pub from: String,
