@@ -3,7 +3,14 @@
 //! x86_64 direct Linux boot (bzImage with boot protocol >= 2.06, or ELF vmlinux) with an
 //! initramfs and command line; 1 to 32 vCPUs announced through an MP table; an in-kernel
 //! irqchip and PIT; an 8250 UART on 0x3f8/IRQ 4; an i8042 whose reset line ends the VM;
-//! a CMOS RTC; a Firecracker-style boot timer on port 0x3f0.
+//! a CMOS RTC; a Firecracker-style boot timer on port 0x3f0; ACPI tables (MADT, FADT
+//! with a fixed power button, DSDT built with `acpi_tables`).
+//!
+//! Devices ([`virtio`]): virtio-mmio (VIRTIO 1.x) block, net (tap) and rng, up to 16,
+//! announced on the kernel command line and in the DSDT (`LNRO0005`). Queue
+//! notifications arrive through ioeventfds and are served on one device thread
+//! ([`event_loop`]); interrupts go out through irqfds. On SIGTERM the VMM presses the
+//! ACPI power button when the guest listens to it, and types Ctrl-Alt-Del otherwise.
 //!
 //! ```no_run
 //! use keel_vmm::{Vm, VmConfig};
@@ -18,11 +25,11 @@
 //!
 //! | code | meaning |
 //! |---|---|
-//! | 0 | the guest powered off or halted for good, or it stopped after SIGTERM's Ctrl-Alt-Del |
+//! | 0 | the guest powered off or halted for good, or it stopped after SIGTERM (power button / Ctrl-Alt-Del) |
 //! | 1 | VMM error: bad input, KVM failure, or the guest crashed its vCPU (one line on stderr says which) |
 //! | 2 | usage error on the command line |
 //! | 3 | the guest asked to reboot (i8042 reset, e.g. `reboot` with `reboot=k`, or a triple fault) |
-//! | 4 | stopped hard: the guest ignored SIGTERM's Ctrl-Alt-Del for the grace period, a second signal came, or `Ctrl-A x` was typed on the console |
+//! | 4 | stopped hard: the guest ignored SIGTERM's power button / Ctrl-Alt-Del for the grace period, a second signal came, or `Ctrl-A x` was typed on the console |
 
 pub mod api;
 pub mod boot;

@@ -22,6 +22,14 @@ Examples:
   keel-vmm --kernel vmlinux --serial unix:/run/keel/guests/web/console.sock \\
            --api-socket /run/keel/guests/web/vmm.sock
 
+  # Two disks (the second read-only), a tap and an entropy device
+  keel-vmm --kernel vmlinuz --initrd initrd.img --cmdline 'console=ttyS0 root=/dev/vda' \\
+           --disk path=/var/lib/keel/root.img,serial=root \\
+           --disk path=/srv/iso/data.img,readonly=on --net tap=tap0,mac=52:54:00:12:34:56 --rng
+
+  # A tap the supervisor opened (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) and passed as fd 3
+  keel-vmm --kernel vmlinuz --net fd=3 --disk path=disk.img,direct=on
+
   # Everything from a JSON file (same fields as the flags; flags override it)
   keel-vmm --config guest.json
   #   {\"kernel\": \"/boot/vmlinuz\", \"initrd\": \"/boot/initrd\", \"cpus\": 2,

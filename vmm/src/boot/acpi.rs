@@ -357,4 +357,53 @@ mod tests {
             .collect();
         assert!(ACPI_ADDR + build(32, &devices, ACPI_ADDR).len() as u64 <= ACPI_AREA_END);
     }
+
+    /// The DSDT names every virtio device with its window and line, COM1 and \_S5
+    /// (checked against `iasl -d` output when written; here by its AML encoding).
+    #[test]
+    fn dsdt_describes_devices_s5_and_com1() {
+        let devices = [
+            MmioDeviceInfo {
+                addr: 0xd000_0000,
+                len: 0x1000,
+                irq: 16,
+            },
+            MmioDeviceInfo {
+                addr: 0xd000_1000,
+                len: 0x1000,
+                irq: 5,
+            },
+        ];
+        let t = dsdt(&devices);
+        assert_eq!(&t[..4], b"DSDT");
+        assert_eq!(sum(&t), 0);
+        assert_eq!(u32_at(&t, 4) as usize, t.len());
+        let count = |needle: &[u8]| t.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(count(b"LNRO0005\0"), 2);
+        assert_eq!(count(b"VR00"), 1);
+        assert_eq!(count(b"VR01"), 1);
+        assert_eq!(count(b"_S5_"), 1);
+        assert_eq!(count(b"COM1"), 1);
+        // Memory32Fixed descriptors: tag 0x86, length 9, read-write, base, length.
+        let mut mem0 = vec![0x86, 9, 0, 1];
+        mem0.extend(0xd000_0000u32.to_le_bytes());
+        mem0.extend(0x1000u32.to_le_bytes());
+        assert_eq!(count(&mem0), 1);
+        // Extended interrupt descriptors: consumer, edge, active high, one line.
+        for irq in [16u32, 5, 4] {
+            let mut d = vec![0x89, 6, 0, 0x03, 1];
+            d.extend(irq.to_le_bytes());
+            assert_eq!(count(&d), 1, "interrupt {irq}");
+        }
+    }
+
+    #[test]
+    fn fadt_has_a_fixed_power_button() {
+        let f = fadt(0x1000, 0x2000);
+        assert_eq!(
+            u32_at(&f, 112) & (1 << 4),
+            0,
+            "PWR_BUTTON clear: fixed-feature button present"
+        );
+    }
 }

@@ -4,10 +4,13 @@
 //! between the file and guest memory (no bounce buffer, except for O_DIRECT with
 //! buffers the host cannot use directly). FLUSH is fdatasync; DISCARD and WRITE_ZEROES
 //! punch holes, so discarded ranges read back as zeros and sparse images stay sparse.
-//! The capacity is the file size rounded down to 512-byte sectors.
+//! The capacity is the file size rounded down to 512-byte sectors. A block device (an
+//! LVM volume, a partition) works the same way as an image file.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -90,12 +93,16 @@ impl Block {
             err(format!("{}{hint}", os_message(&e)))
         })?;
         let meta = file.metadata().map_err(|e| err(os_message(&e)))?;
-        if !meta.is_file() {
-            return Err(err("not a regular file (raw image files only)".into()));
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(err("not a regular file or block device (raw images only)".into()));
         }
-        let capacity = meta.len() / SECTOR_SIZE;
+        // The end offset is the size for files and block devices alike (a block
+        // device's metadata says 0).
+        let size = (&file).seek(SeekFrom::End(0)).map_err(|e| err(os_message(&e)))?;
+        let capacity = size / SECTOR_SIZE;
         if capacity == 0 {
-            return Err(err(format!("{} bytes is smaller than one 512-byte sector", meta.len())));
+            return Err(err(format!("{size} bytes is smaller than one 512-byte sector")));
         }
         let mut id = [0u8; ID_BYTES];
         if let Some(serial) = &config.serial {
