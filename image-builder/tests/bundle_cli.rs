@@ -226,3 +226,62 @@ fn bundle_from_a_built_image_takes_its_uki_and_version() {
     let o = keel_image(&["verify", s(&bundle), "--key", s(&public)]);
     assert!(o.status.success(), "verify: {}", text(&o));
 }
+
+/// The file `name` in a newc cpio archive (what `HostInitramfs::build` returns).
+fn cpio_file<'a>(archive: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let hex = |b: &[u8]| usize::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
+    let mut at = 0;
+    while at + 110 <= archive.len() && &archive[at..at + 6] == b"070701" {
+        let size = hex(&archive[at + 54..at + 62])?;
+        let name_len = hex(&archive[at + 94..at + 102])?;
+        let name_start = at + 110;
+        let entry = std::str::from_utf8(&archive[name_start..name_start + name_len - 1]).ok()?;
+        let data_start = (name_start + name_len).next_multiple_of(4);
+        if entry == "TRAILER!!!" {
+            return None;
+        }
+        if entry.trim_start_matches('/') == name.trim_start_matches('/') {
+            return archive.get(data_start..data_start + size);
+        }
+        at = (data_start + size).next_multiple_of(4);
+    }
+    None
+}
+
+#[test]
+fn the_initramfs_carries_the_trusted_keys_for_the_update_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    for name in ["keel-init", "keel-vmm", "keelctl"] {
+        std::fs::write(bin.join(name), name).expect("fake binary");
+    }
+    let modules = dir.path().join("6.1.0-test");
+    std::fs::create_dir_all(&modules).expect("modules");
+    std::fs::write(modules.join("modules.dep"), "").expect("modules.dep");
+    let list = dir.path().join("modules.list");
+    std::fs::write(&list, "").expect("modules.list");
+    let guest_kernel = dir.path().join("bzImage");
+    std::fs::write(&guest_kernel, b"guest").expect("guest kernel");
+    let verifying = ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key();
+    let key = keel_init::update::bundle::format_public_key(&verifying);
+    let spec = keel_image::host_initramfs::HostInitramfs {
+        bin_dir: bin,
+        modules_dir: modules,
+        modules_list: list,
+        guest_kernel,
+        guest_initrd: Vec::new(),
+        os_release: uki::os_release("1.0.0"),
+        trusted_keys: vec![key.clone()],
+        mtime: 1_700_000_000,
+    };
+    let archive = spec
+        .build()
+        .expect("initramfs (needs e2fsprogs for the host tools: ci/setup installs it)");
+    let keys = cpio_file(&archive, keel_init::update::TRUSTED_KEYS_FILE).expect("trusted keys file");
+    let text = std::str::from_utf8(keys).expect("text");
+    assert_eq!(text, format!("{key}\n"));
+    // Read back the way the update agent reads it.
+    let parsed = keel_init::update::bundle::parse_trusted_keys(text).expect("parses");
+    assert_eq!(parsed, [verifying]);
+}
