@@ -75,6 +75,12 @@ fn bless_refuses_a_booted_entry_of_another_version_and_writes_nothing() {
     let before = esp.snapshot();
     let err = bless::bless_and_prune(&esp.root(), &esp.efivars, "1.0.0").expect_err("mismatch");
     assert!(matches!(err, BlessError::VersionMismatch { .. }), "{err}");
+    esp.set_var(BOOT_COUNT_PATH_VAR, "\\efi\\linux\\keel-1.1.0+2-1.efi");
+    let err = bless::bless_and_prune(&esp.root(), &esp.efivars, "1.0.0").expect_err("mismatch");
+    assert!(
+        matches!(err, BlessError::VersionMismatch { .. }),
+        "the directory's case does not matter: {err}"
+    );
     esp.set_var(BOOT_COUNT_PATH_VAR, "\\EFI\\BOOT\\BOOTX64.EFI");
     let err = bless::bless_and_prune(&esp.root(), &esp.efivars, "1.1.0").expect_err("not keel");
     assert!(matches!(err, BlessError::NotAKeelEntry { .. }), "{err}");

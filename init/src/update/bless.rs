@@ -151,9 +151,12 @@ pub fn bless(esp: &Path, efivars: &Path, running_version: &str) -> Result<Option
         return rename_blessed(&linux_dir, slot).map(Some);
     };
     let rel = esp_relative(&booted);
+    // FAT and the firmware ignore case; the variable carries the case systemd-boot saw.
+    let prefix = format!("{EFI_LINUX}/");
     let file = rel
-        .strip_prefix(EFI_LINUX)
-        .and_then(|f| f.strip_prefix('/'))
+        .get(..prefix.len())
+        .filter(|p| p.eq_ignore_ascii_case(&prefix))
+        .map(|_| &rel[prefix.len()..])
         .filter(|f| !f.contains('/'))
         .ok_or_else(|| BlessError::NotAKeelEntry { path: booted.clone() })?;
     let name = SlotName::parse(file).ok_or_else(|| BlessError::NotAKeelEntry { path: booted.clone() })?;
