@@ -552,3 +552,31 @@ fn bad_disks_are_one_line_errors() {
     let run = run_vmm(&refs, TIMEOUT);
     assert!(run.stderr.contains("17 virtio devices"), "{}", run.stderr);
 }
+
+#[test]
+fn tap_by_name_is_created_in_the_vmm_namespace() {
+    if !require_kvm() || !require_root() {
+        return;
+    }
+    let ns = NetNs::new("vtapname");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&hello_guest(b"up\n"), LOAD_ADDR, 0));
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, vmm_bin(), "--kernel"])
+        .arg(&kernel)
+        .args(["--memory", "32MiB", "--net", "tap=kname0,mac=52:54:00:00:00:07"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip netns exec keel-vmm");
+    let run = wait_with_timeout(child, TIMEOUT);
+    assert_eq!(run.stdout_text(), "up\n", "stderr: {}", run.stderr);
+    assert_eq!(run.code(), Some(3), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("virtio-net tap kname0 mac 52:54:00:00:00:07 at 0xd0000000"),
+        "{}",
+        run.stderr
+    );
+}
