@@ -1,5 +1,6 @@
-//! SIGTERM types Ctrl-Alt-Del into the guest's i8042 and waits for it to stop; a guest
-//! that ignores it is stopped hard after the grace period, or at a second signal.
+//! SIGTERM asks the guest to stop: it presses the ACPI power button when the guest enabled
+//! it, and types Ctrl-Alt-Del into the i8042 otherwise; then it waits. A guest that
+//! ignores it is stopped hard after the grace period, or at a second signal.
 
 mod common;
 
@@ -31,6 +32,33 @@ fn keyboard_echo_guest() -> Vec<u8> {
     a.cmp(ecx, CTRL_ALT_DEL.len() as u32).unwrap();
     a.jb(poll).unwrap();
     i8042_reset(&mut a);
+    assemble(a, LOAD_ADDR)
+}
+
+/// An ACPI-aware guest: enables the power button event (PWRBTN_EN in PM1_EN at 0x602),
+/// prints "R", polls PM1_STS (0x600) until PWRBTN_STS, acknowledges it (write one to
+/// clear), prints "P", and powers off through PM1a_CNT.SLP_EN (0x604) as Linux does for S5.
+fn power_button_guest() -> Vec<u8> {
+    let mut a = asm64();
+    a.mov(dx, 0x602u32).unwrap();
+    a.mov(ax, 0x100u32).unwrap();
+    a.out(dx, ax).unwrap();
+    serial_setup(&mut a);
+    print(&mut a, b"R");
+    let mut poll = a.create_label();
+    a.set_label(&mut poll).unwrap();
+    a.mov(dx, 0x600u32).unwrap();
+    a.in_(ax, dx).unwrap();
+    a.test(ax, 0x100u32).unwrap();
+    a.jz(poll).unwrap();
+    a.mov(ax, 0x100u32).unwrap();
+    a.out(dx, ax).unwrap();
+    serial_setup(&mut a);
+    print(&mut a, b"P");
+    a.mov(dx, 0x604u32).unwrap();
+    a.mov(ax, ((5u32 << 10) | (1 << 13)) | 1).unwrap();
+    a.out(dx, ax).unwrap();
+    halt_forever(&mut a);
     assemble(a, LOAD_ADDR)
 }
 
@@ -136,4 +164,20 @@ fn second_sigterm_stops_hard_at_once() {
     let (code, _, elapsed, stderr) = run_and_signal(&deaf_guest(), &["--shutdown-timeout", "60"], 2);
     assert_eq!(code, Some(4), "stderr: {stderr}");
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+}
+
+#[test]
+fn sigterm_presses_the_power_button_of_an_acpi_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let (code, rest, _, stderr) = run_and_signal(&power_button_guest(), &[], 1);
+    assert_eq!(rest, b"P", "guest saw PWRBTN_STS; stderr: {stderr}");
+    assert!(stderr.contains("pressing the ACPI power button"), "{stderr}");
+    assert!(!stderr.contains("Ctrl-Alt-Del"), "only the button is sent: {stderr}");
+    assert_eq!(
+        code,
+        Some(0),
+        "poweroff after SIGTERM is a clean stop; stderr: {stderr}"
+    );
 }
