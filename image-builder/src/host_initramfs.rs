@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use crate::initramfs::{Builder, InitramfsError, read_modules_list};
+use crate::initramfs::{Builder, InitramfsError};
 
 /// PID 1.
 pub const INIT: &str = "/init";
@@ -33,8 +33,9 @@ pub struct HostInitramfs {
     pub bin_dir: PathBuf,
     /// The host kernel's `lib/modules/<kver>` (depmod run).
     pub modules_dir: PathBuf,
-    /// Names of the modules to include (kernel-config/modules.list).
-    pub modules_list: PathBuf,
+    /// Names of the modules to include (from kernel-config/modules.list, see
+    /// [`crate::initramfs::read_modules_list`]).
+    pub modules: Vec<String>,
     pub guest_kernel: PathBuf,
     /// The guest initramfs for `initrd: default` (`guest_initramfs::build` makes Keel's).
     pub guest_initrd: Vec<u8>,
@@ -56,8 +57,7 @@ impl HostInitramfs {
         for program in HOST_PROGRAMS {
             b.host_program(program)?;
         }
-        let names = read_modules_list(&self.modules_list)?;
-        b.kernel_modules(&self.modules_dir, &names)?;
+        b.kernel_modules(&self.modules_dir, &self.modules)?;
         b.host_file(DEFAULT_GUEST_KERNEL, &self.guest_kernel, 0o644)?;
         b.file(DEFAULT_GUEST_INITRD, 0o644, self.guest_initrd.as_slice())?;
         b.file(OS_RELEASE, 0o644, self.os_release.as_bytes())?;

@@ -10,13 +10,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use keel_image::build::{self, ImageInputs};
 use keel_image::host_initramfs::HostInitramfs;
-use keel_image::{bundle, flash, identity, inspect, qemu, uki};
+use keel_image::{bundle, flash, identity, initramfs, inspect, qemu, uki};
 use keel_init::config::ByteSize;
 
 /// The default kernel command line of the host, from kernel-config/cmdline.
 const DEFAULT_CMDLINE: &str = include_str!("../../kernel-config/cmdline");
-/// The module list of the source tree this binary was built from.
-const DEFAULT_MODULES_LIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernel-config/modules.list");
 /// Where kernel-config/fetch-host unpacks Debian's host kernel (`ci/setup` runs it).
 const HOST_KERNEL_CACHE: &str = "/var/cache/keel/kernels/linux-image-amd64";
 const EFI_DIR: &str = "/usr/lib/systemd/boot/efi";
@@ -213,9 +211,10 @@ struct BuildArgs {
     /// Host kernel modules directory (lib/modules/<version>, with modules.dep).
     #[arg(long)]
     modules: Option<PathBuf>,
-    /// Which modules to include.
-    #[arg(long, default_value = DEFAULT_MODULES_LIST)]
-    modules_list: PathBuf,
+    /// Which modules to include: a file in the format of kernel-config/modules.list
+    /// (default: that file as it was when keel-image was built).
+    #[arg(long)]
+    modules_list: Option<PathBuf>,
     /// Default guest kernel (for `kernel: default`).
     #[arg(long)]
     guest_kernel: Option<PathBuf>,
@@ -376,7 +375,13 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
             let spec = HostInitramfs {
                 bin_dir,
                 modules_dir: resolve_modules(args.modules.as_deref())?,
-                modules_list: args.modules_list.clone(),
+                modules: match &args.modules_list {
+                    Some(path) => initramfs::read_modules_list(path)?,
+                    None => initramfs::parse_modules_list(
+                        Path::new("kernel-config/modules.list"),
+                        initramfs::DEFAULT_MODULES_LIST,
+                    )?,
+                },
                 guest_kernel,
                 guest_initrd,
                 os_release: uki::os_release(&args.version),

@@ -48,7 +48,8 @@ fn built_image_boots_through_ovmf_systemd_boot_and_the_uki() {
     b.write_to_file(&initramfs).expect("write initramfs");
 
     let image = dir.path().join("boot.img");
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/minimal.yaml");
+    let config = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("../configs/minimal.yaml");
     let o = Command::new(env!("CARGO_BIN_EXE_keel-image"))
         .args(["build", "--size", "400MiB", "--version", "2.3.4", "--config"])
         .arg(&config)
@@ -123,9 +124,11 @@ fn built_image_boots_through_ovmf_systemd_boot_and_the_uki() {
         at.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    let default_cmdline =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-config/cmdline"))
-            .expect("cmdline");
+    let default_cmdline = std::fs::read_to_string(
+        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("../kernel-config/cmdline"),
+    )
+    .expect("cmdline");
     assert!(
         line.contains(default_cmdline.trim()),
         "the UKI's .cmdline reached the kernel: {line}"

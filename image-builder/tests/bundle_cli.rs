@@ -185,7 +185,8 @@ fn bundle_from_a_built_image_takes_its_uki_and_version() {
     std::fs::write(&kernel, vec![0x4b; 1 << 20]).expect("kernel");
     std::fs::write(&initramfs, vec![0x49; 100_000]).expect("initramfs");
     let image = dir.path().join("disk.img");
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/minimal.yaml");
+    let config = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("../configs/minimal.yaml");
     let o = keel_image(&[
         "build",
         "--size",
@@ -259,8 +260,6 @@ fn the_initramfs_carries_the_trusted_keys_for_the_update_agent() {
     let modules = dir.path().join("6.1.0-test");
     std::fs::create_dir_all(&modules).expect("modules");
     std::fs::write(modules.join("modules.dep"), "").expect("modules.dep");
-    let list = dir.path().join("modules.list");
-    std::fs::write(&list, "").expect("modules.list");
     let guest_kernel = dir.path().join("bzImage");
     std::fs::write(&guest_kernel, b"guest").expect("guest kernel");
     let verifying = ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key();
@@ -268,7 +267,7 @@ fn the_initramfs_carries_the_trusted_keys_for_the_update_agent() {
     let spec = keel_image::host_initramfs::HostInitramfs {
         bin_dir: bin,
         modules_dir: modules,
-        modules_list: list,
+        modules: Vec::new(),
         guest_kernel,
         guest_initrd: Vec::new(),
         os_release: uki::os_release("1.0.0"),

@@ -18,7 +18,7 @@ const EPOCH: &str = "1700000000";
 const SIZE: &str = "400MiB";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn minimal_config() -> PathBuf {

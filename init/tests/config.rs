@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use keel_init::config::{self, Severity};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_path_buf()
@@ -92,7 +92,10 @@ fn expectations(text: &str) -> Vec<(usize, usize, String)> {
 
 #[test]
 fn bad_config_corpus() {
-    let files = yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bad-configs"));
+    let files = yaml_files(
+        &Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("tests/bad-configs"),
+    );
     assert!(
         files.len() >= 30,
         "the corpus should hold at least 30 invalid configs, has {}",

@@ -12,8 +12,10 @@ use keel_init::net::{self, Options};
 #[test]
 fn homelab_config_applies_as_declared() {
     require_root();
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/homelab.yaml");
-    let cfg = keel_init::config::load_file(std::path::Path::new(path))
+    // Read at run time: the test binary may have been built from a checkout elsewhere.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let path = std::path::Path::new(&manifest_dir).join("../configs/homelab.yaml");
+    let cfg = keel_init::config::load_file(&path)
         .expect("homelab.yaml is valid")
         .config;
     let dir = tempfile::tempdir().unwrap();

@@ -195,6 +195,10 @@ impl Builder {
     }
 }
 
+/// kernel-config/modules.list of the source tree this crate was built from, embedded so the
+/// binary does not depend on where that tree was when it was compiled.
+pub const DEFAULT_MODULES_LIST: &str = include_str!("../../../kernel-config/modules.list");
+
 /// Reads a modules list (kernel-config/modules.list): one name per line, `#` comments,
 /// blank lines ignored.
 pub fn read_modules_list(path: &Path) -> Result<Vec<String>, InitramfsError> {
@@ -205,7 +209,8 @@ pub fn read_modules_list(path: &Path) -> Result<Vec<String>, InitramfsError> {
     parse_modules_list(path, &text)
 }
 
-fn parse_modules_list(path: &Path, text: &str) -> Result<Vec<String>, InitramfsError> {
+/// Parses a modules list's text; `path` names it in errors.
+pub fn parse_modules_list(path: &Path, text: &str) -> Result<Vec<String>, InitramfsError> {
     let mut names = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -321,8 +326,7 @@ mod tests {
         });
         let kver = fs::read_to_string(kernel_dir.join(".kernel-version")).unwrap();
         let modules_dir = kernel_dir.join("lib/modules").join(kver.trim());
-        let list = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-config/modules.list");
-        let names = read_modules_list(&list).unwrap();
+        let names = parse_modules_list(Path::new("kernel-config/modules.list"), DEFAULT_MODULES_LIST).unwrap();
 
         let mut b = Builder::with_mtime(0);
         let resolved = b.kernel_modules(&modules_dir, &names).unwrap();
