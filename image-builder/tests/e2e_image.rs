@@ -40,7 +40,8 @@ fn keel_image() -> Command {
 }
 
 fn build_image(work: &Path) -> Result<PathBuf, String> {
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ci.yaml");
+    let config = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("../configs/ci.yaml");
     let image = work.join("ci.img");
     let started = Instant::now();
     let out = keel_image()
@@ -104,15 +105,27 @@ fn run() -> Result<bool, String> {
     qemu.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2", "--snapshot"])
         .arg(&image);
     let mut console = Console::spawn(qemu).map_err(|e| format!("keel-image run: {e}"))?;
-    let fatal = ["Kernel panic", "keel-init: internal error"];
+    let fatal = [
+        "Kernel panic",
+        "keel-init: internal error",
+        "no DHCP lease",
+        "keel-guest: selftest done",
+    ];
     let mut times = Vec::new();
-    let stages: [(&str, &str, u64); 3] = [
+    let stages: [(&str, &str, u64); 4] = [
         ("keel-init started as PID 1", "keel-init started as PID 1", 180),
         ("/dev/kvm ready", "/dev/kvm ready", 60),
         (
             "guest marker through the [guest] relay",
             "keel-guest: ci-guest is up",
             180,
+        ),
+        // ci.yaml's `keel.selftest`: the guest writes its disk, gets a DHCP lease from the NAT
+        // bridge and pings the gateway, then reboots, which ends its VM (restart policy never).
+        (
+            "guest self-test: DHCP and ping through the NAT bridge",
+            "keel-guest: ping 10.123.0.1 ok",
+            120,
         ),
     ];
     let mut reached = 0;
