@@ -30,6 +30,9 @@ pub const MANIFEST_DIR: &str = "keel/manifests";
 pub struct ImageInputs {
     /// keel.yaml as written to KEEL-CONFIG (already validated by the caller).
     pub config_yaml: Vec<u8>,
+    /// More files for KEEL-CONFIG beside keel.yaml (name, contents), e.g. the token file
+    /// `host.api` names.
+    pub config_files: Vec<(String, Vec<u8>)>,
     pub version: String,
     pub cmdline: String,
     /// The host kernel (bzImage with EFI stub).
@@ -224,6 +227,9 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
     config
         .add_file("keel.yaml", inputs.config_yaml.clone())
         .map_err(fat_err("KEEL-CONFIG"))?;
+    for (name, data) in &inputs.config_files {
+        config.add_file(name, data.clone()).map_err(fat_err("KEEL-CONFIG"))?;
+    }
     progress.inc(1);
 
     // A sparse file in the output's directory, renamed into place when complete.
@@ -337,6 +343,7 @@ mod tests {
     fn inputs(initramfs: &[u8], level: Option<i32>) -> ImageInputs {
         ImageInputs {
             config_yaml: Vec::new(),
+            config_files: Vec::new(),
             version: "1.0.0".into(),
             cmdline: "quiet".into(),
             kernel: Vec::new(),

@@ -241,6 +241,10 @@ struct BuildArgs {
     /// Print the build report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Put a file on KEEL-CONFIG beside keel.yaml, as NAME (repeatable), e.g. the bearer
+    /// token `host.api.token_file` names: `--config-file api-token=./token`.
+    #[arg(long = "config-file", value_name = "NAME=PATH")]
+    config_files: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -399,8 +403,20 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
     };
     bar.inc(1);
 
+    let config_files = read_config_files(&args.config_files)?;
+    if let Some(api) = loaded.config.host.api.as_ref().map(|api| api.token_file.as_str())
+        && !config_files.iter().any(|(name, _)| name.eq_ignore_ascii_case(api))
+    {
+        bar.suspend(|| {
+            eprintln!(
+                "warning: host.api reads its token from `{api}` on KEEL-CONFIG, which this build does not add; \
+                 pass --config-file {api}=PATH or write it to KEEL-CONFIG before the first boot (until then the TCP API stays off)"
+            )
+        });
+    }
     let inputs = ImageInputs {
         config_yaml,
+        config_files,
         version: args.version.clone(),
         cmdline: args
             .cmdline
@@ -628,4 +644,19 @@ fn cmd_verify(path: &Path, key: &Path, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--config-file NAME=PATH` arguments, read.
+fn read_config_files(args: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for arg in args {
+        let Some((name, path)) = arg.split_once('=') else {
+            bail!("--config-file {arg}: expected NAME=PATH, e.g. --config-file api-token=./token");
+        };
+        if name.is_empty() || name.contains('/') || name.eq_ignore_ascii_case("keel.yaml") {
+            bail!("--config-file {arg}: NAME must be a plain file name other than keel.yaml");
+        }
+        files.push((name.to_owned(), read(Path::new(path), "--config-file")?));
+    }
+    Ok(files)
 }
