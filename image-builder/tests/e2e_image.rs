@@ -1,8 +1,17 @@
-//! End-to-end: the appliance image (issue 4). `keel-image build` turns configs/ci.yaml into a
-//! disk image, `keel-image run` boots it in QEMU (OVMF → systemd-boot → UKI → keel-init),
-//! keel-init loads kvm-amd, starts the declared guest through keel-vmm and relays its
-//! console, and powers the appliance off once the guest has ended (`host.on_idle: poweroff`
-//! in ci.yaml).
+//! End-to-end: the appliance image (issues 4, 6 and 7). `keel-image build` turns
+//! configs/ci.yaml into a disk image and `keel-image run` boots it in QEMU (OVMF →
+//! systemd-boot → UKI → keel-init); keel-init loads kvm-amd, brings up the NAT bridge and
+//! the storage pool, starts the declared guest through keel-vmm and relays its console.
+//! The test then drives the appliance the way an operator does, with `keelctl` through the
+//! TCP control API that `keel-image run --forward` exposes on loopback:
+//!
+//! boot 1: the guest gets a DHCP lease from the bridge, pings it and writes a record into
+//!         its volume (`keel.selftest` in ci.yaml); `keelctl list`; `keelctl apply` of a
+//!         config with a second guest starts it; `keelctl stop`/`start` of the first guest;
+//!         stopping both leaves the appliance idle, and it powers off (`on_idle: poweroff`).
+//! boot 2: the same disk again: the guest finds the record it wrote in boot 1 (the volume
+//!         survived the appliance's reboot) and the applied config (second guest) is still
+//!         the one in force; stopping both powers it off again.
 //!
 //! Run by `ci/e2e` (`test = false` keeps it out of `cargo test`/nextest), which passes:
 //!   KEEL_E2E_HOST_KERNEL     Debian's linux-image-amd64 vmlinuz (kernel-config/fetch-host)
@@ -10,8 +19,8 @@
 //!   KEEL_E2E_GUEST_KERNEL    Keel's default guest kernel (kernel-config/build-guest)
 //!   KEEL_E2E_BIN_DIR         static keel-init, keel-vmm, keelctl
 //!
-//! Prints `e2e: firmware_to_init_ms=N init_to_kvm_ms=N kvm_to_guest_ms=N total_ms=N`
-//! (total: QEMU start to the guest's marker) and `e2e_image: N passed, N failed` last.
+//! Prints `e2e: firmware_to_init_ms=N init_to_kvm_ms=N kvm_to_guest_ms=N total_ms=N` for
+//! boot 1 (total: QEMU start to the guest's marker) and `e2e_image: N passed, N failed` last.
 
 #[path = "e2e_support/console.rs"]
 mod console;
@@ -22,8 +31,18 @@ use std::time::{Duration, Instant};
 
 use console::{Console, Report, StageFailure};
 
-/// The guest configs/ci.yaml declares, and the line its default /init prints once up.
+/// The guest configs/ci.yaml declares, and the one `keelctl apply` adds.
 const GUEST: &str = "ci-guest";
+const SECOND: &str = "ci-guest2";
+/// Where ci.yaml's `host.api` listens inside the appliance.
+const API_PORT: u16 = 7070;
+/// Lines that end any stage at once.
+const FATAL: [&str; 4] = [
+    "Kernel panic",
+    "keel-init: internal error",
+    "no DHCP lease",
+    "ping 10.123.0.1 failed",
+];
 
 fn env_path(name: &str) -> Result<PathBuf, String> {
     let value = std::env::var_os(name).ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
@@ -39,9 +58,14 @@ fn keel_image() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel-image"))
 }
 
-fn build_image(work: &Path) -> Result<PathBuf, String> {
-    let config = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-        .join("../configs/ci.yaml");
+fn repo_file(path: &str) -> PathBuf {
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+fn build_image(work: &Path, token_file: &Path) -> Result<PathBuf, String> {
+    let config = repo_file("configs/ci.yaml");
     let image = work.join("ci.img");
     let started = Instant::now();
     let out = keel_image()
@@ -57,6 +81,8 @@ fn build_image(work: &Path) -> Result<PathBuf, String> {
         .arg(env_path("KEEL_E2E_GUEST_KERNEL")?)
         .arg("--bin-dir")
         .arg(env_path("KEEL_E2E_BIN_DIR")?)
+        .arg("--config-file")
+        .arg(format!("api-token={}", token_file.display()))
         .output()
         .map_err(|e| format!("keel-image build: {e}"))?;
     if !out.status.success() {
@@ -76,9 +102,163 @@ fn build_image(work: &Path) -> Result<PathBuf, String> {
     Ok(image)
 }
 
+/// keelctl (the static one the image carries) pointed at the forwarded TCP API.
+struct Keelctl {
+    binary: PathBuf,
+    url: String,
+    token: String,
+}
+
+impl Keelctl {
+    /// Runs `keelctl ARGS`; its stdout when it exits 0.
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.binary)
+            .args(["--host", &self.url, "--token", &self.token])
+            .args(args)
+            .output()
+            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("e2e_image: $ keelctl {} -> {}", args.join(" "), out.status);
+        for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+            println!("  > {line}");
+        }
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "keelctl {} exited with {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// `keelctl list --json` as (name, state) pairs.
+    fn states(&self) -> Result<Vec<(String, String)>, String> {
+        let text = self.run(&["list", "--json"])?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("list --json: {e}: {text}"))?;
+        let guests = value
+            .as_array()
+            .ok_or_else(|| format!("list --json is not an array: {text}"))?;
+        Ok(guests
+            .iter()
+            .map(|g| {
+                let field = |k: &str| g.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                (field("name"), field("state"))
+            })
+            .collect())
+    }
+
+    /// Polls `list --json` until `want` holds, or fails with the last answer.
+    fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&[(String, String)]) -> bool,
+    ) -> Result<(), StageFailure> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.states() {
+                Ok(states) if want(&states) => return Ok(()),
+                Ok(states) => last = format!("{states:?}"),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Err(StageFailure(format!(
+            "{what}: not within {} s; last answer: {last}",
+            timeout.as_secs()
+        )))
+    }
+}
+
+fn state_of<'a>(states: &'a [(String, String)], guest: &str) -> Option<&'a str> {
+    states.iter().find(|(n, _)| n == guest).map(|(_, s)| s.as_str())
+}
+
+/// A free TCP port on loopback for QEMU's forward.
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn boot(image: &Path, host_port: u16) -> Result<Console, String> {
+    let mut qemu = keel_image();
+    qemu.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2"])
+        .arg("--forward")
+        .arg(format!("{host_port}:{API_PORT}"))
+        .arg(image);
+    Console::spawn(qemu).map_err(|e| format!("keel-image run: {e}"))
+}
+
+/// A line with `needle` that came through the `[guest NAME]` relay.
+fn guest_line(console: &mut Console, guest: &str, needle: &str, timeout: u64) -> Result<String, StageFailure> {
+    let line = console.expect(needle, &FATAL, Duration::from_secs(timeout))?;
+    if line.contains(&format!("[guest {guest}]")) {
+        Ok(line)
+    } else {
+        Err(StageFailure(format!(
+            "marker without the `[guest {guest}]` relay prefix: {line}"
+        )))
+    }
+}
+
+/// Stops both guests through the API; the idle appliance then powers off by itself.
+fn stop_all_and_power_off(report: &mut Report, console: &mut Console, api: &Keelctl, boot: &str) -> bool {
+    let stopped = [GUEST, SECOND]
+        .iter()
+        .try_for_each(|g| api.run(&["stop", g]).map(drop))
+        .map_err(StageFailure);
+    if report
+        .stage(console, &format!("{boot}: keelctl stop of both guests"), stopped)
+        .is_none()
+    {
+        return false;
+    }
+    let off = console.wait_exit(Duration::from_secs(120)).and_then(|status| {
+        if status.success() {
+            Ok(())
+        } else {
+            Err(StageFailure(format!("QEMU exited with {status}")))
+        }
+    });
+    report
+        .stage(console, &format!("{boot}: idle appliance powers off cleanly"), off)
+        .is_some()
+}
+
+/// The config `keelctl apply` installs: ci.yaml plus a second guest on the same bridge.
+fn config_with_second_guest(work: &Path) -> Result<PathBuf, String> {
+    let base = std::fs::read_to_string(repo_file("configs/ci.yaml")).map_err(|e| format!("ci.yaml: {e}"))?;
+    let marker = "\nupdate:";
+    let at = base
+        .find(marker)
+        .ok_or("configs/ci.yaml has no top-level `update:` to insert the second guest before")?;
+    let second = format!(
+        "  - name: {SECOND}\n    vcpus: 1\n    memory: 96MiB\n    kernel: default\n    initrd: default\n    \
+         cmdline: \"quiet\"\n    nics:\n      - bridge: br-ci\n    restart:\n      policy: never\n"
+    );
+    let text = format!("{}\n{second}{}", base[..at].trim_end(), &base[at..]);
+    let path = work.join("ci-two-guests.yaml");
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
 fn run() -> Result<bool, String> {
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = build_image(work.path())?;
+    let token = "e2e-token-0123456789abcdef";
+    let token_file = work.path().join("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).map_err(|e| e.to_string())?;
+    let image = build_image(work.path(), &token_file)?;
+    let two_guests = config_with_second_guest(work.path())?;
+    let port = free_port()?;
+    let api = Keelctl {
+        binary: env_path("KEEL_E2E_BIN_DIR")?.join("keelctl"),
+        url: format!("http://127.0.0.1:{port}"),
+        token: token.to_string(),
+    };
     let mut report = Report::new("e2e_image");
 
     let inspect = keel_image()
@@ -96,84 +276,136 @@ fn run() -> Result<bool, String> {
             String::from_utf8_lossy(&inspect.stderr)
         ))
     };
+    let boot1_stages = [
+        "boot 1: keel-init started as PID 1",
+        "boot 1: /dev/kvm ready",
+        "boot 1: guest marker through the [guest] relay",
+        "boot 1: guest DHCP lease and ping through the NAT bridge, record written to its volume",
+        "boot 1: keelctl list through the forwarded API",
+        "boot 1: keelctl apply adds a second guest, which starts",
+        "boot 1: keelctl stop, then start, of the first guest",
+        "boot 1: keelctl stop of both guests",
+        "boot 1: idle appliance powers off cleanly",
+    ];
+    let boot2_stages = [
+        "boot 2: the volume kept the guest's record across the appliance reboot",
+        "boot 2: the applied config is in force (second guest up)",
+        "boot 2: keelctl stop of both guests",
+        "boot 2: idle appliance powers off cleanly",
+    ];
+    let not_reached =
+        |from: usize| -> Vec<&str> { boot1_stages[from..].iter().chain(&boot2_stages).copied().collect() };
     if !report.check("keel-image inspect verifies the image", verified) {
-        report.skipped_as_failed(&["the image boots (not attempted)"]);
+        report.skipped_as_failed(&not_reached(0));
         return Ok(report.finish());
     }
 
-    let mut qemu = keel_image();
-    qemu.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2", "--snapshot"])
-        .arg(&image);
-    let mut console = Console::spawn(qemu).map_err(|e| format!("keel-image run: {e}"))?;
-    let fatal = [
-        "Kernel panic",
-        "keel-init: internal error",
-        "no DHCP lease",
-        "keel-guest: selftest done",
-    ];
+    // Boot 1.
+    let mut console = boot(&image, port)?;
     let mut times = Vec::new();
-    let stages: [(&str, &str, u64); 4] = [
-        ("keel-init started as PID 1", "keel-init started as PID 1", 180),
-        ("/dev/kvm ready", "/dev/kvm ready", 60),
-        (
-            "guest marker through the [guest] relay",
-            "keel-guest: ci-guest is up",
-            180,
-        ),
-        // ci.yaml's `keel.selftest`: the guest writes its disk, gets a DHCP lease from the NAT
-        // bridge and pings the gateway, then reboots, which ends its VM (restart policy never).
-        (
-            "guest self-test: DHCP and ping through the NAT bridge",
-            "keel-guest: ping 10.123.0.1 ok",
-            120,
-        ),
+    let markers: [(&str, &str, u64); 4] = [
+        (boot1_stages[0], "keel-init started as PID 1", 180),
+        (boot1_stages[1], "/dev/kvm ready", 60),
+        (boot1_stages[2], "keel-guest: ci-guest is up", 180),
+        (boot1_stages[3], "keel-guest: ping 10.123.0.1 ok", 120),
     ];
-    let mut reached = 0;
-    for (stage, needle, timeout) in stages {
-        let result = console
-            .expect(needle, &fatal, Duration::from_secs(timeout))
-            .and_then(|line| {
-                if needle.contains(GUEST) && !line.contains(&format!("[guest {GUEST}]")) {
-                    Err(StageFailure(format!(
-                        "marker without the `[guest {GUEST}]` relay prefix: {line}"
-                    )))
-                } else {
-                    Ok(())
-                }
-            });
+    for (i, (stage, needle, timeout)) in markers.into_iter().enumerate() {
+        let result = if needle.contains("keel-guest") {
+            guest_line(&mut console, GUEST, needle, timeout)
+        } else {
+            console.expect(needle, &FATAL, Duration::from_secs(timeout))
+        };
         times.push(console.elapsed());
         if report.stage(&console, stage, result).is_none() {
-            break;
+            report.skipped_as_failed(&not_reached(i + 1));
+            return Ok(report.finish());
         }
-        reached += 1;
     }
-    if reached == stages.len() {
-        let off = console.wait_exit(Duration::from_secs(120)).and_then(|status| {
-            if status.success() {
-                Ok(())
-            } else {
-                Err(StageFailure(format!("QEMU exited with {status}")))
-            }
+    let ms = |d: Duration| d.as_millis();
+    println!(
+        "e2e: firmware_to_init_ms={} init_to_kvm_ms={} kvm_to_guest_ms={} total_ms={}",
+        ms(times[0]),
+        ms(times[1] - times[0]),
+        ms(times[2] - times[1]),
+        ms(times[2])
+    );
+
+    let listed = api.wait_until("ci-guest running in `keelctl list`", Duration::from_secs(60), |s| {
+        state_of(s, GUEST) == Some("running")
+    });
+    if report.stage(&console, boot1_stages[4], listed).is_none() {
+        report.skipped_as_failed(&not_reached(5));
+        return Ok(report.finish());
+    }
+
+    let applied = api
+        .run(&["apply", &two_guests.display().to_string()])
+        .map_err(StageFailure)
+        .and_then(|_| guest_line(&mut console, SECOND, "keel-guest: ci-guest2 is up", 180))
+        .and_then(|_| {
+            api.wait_until("both guests running", Duration::from_secs(30), |s| {
+                state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")
+            })
         });
-        let at = console.elapsed();
-        report.stage(&console, "appliance powers off cleanly", off);
-        let ms = |d: Duration| d.as_millis();
-        println!(
-            "e2e: firmware_to_init_ms={} init_to_kvm_ms={} kvm_to_guest_ms={} total_ms={}",
-            ms(times[0]),
-            ms(times[1] - times[0]),
-            ms(times[2] - times[1]),
-            ms(times[2])
-        );
-        println!("e2e: guest_to_poweroff_ms={}", ms(at - times[2]));
-    } else {
-        let left: Vec<&str> = stages[reached + 1..]
-            .iter()
-            .map(|s| s.0)
-            .chain(["appliance powers off cleanly"])
-            .collect();
-        report.skipped_as_failed(&left);
+    if report.stage(&console, boot1_stages[5], applied).is_none() {
+        report.skipped_as_failed(&not_reached(6));
+        return Ok(report.finish());
     }
+
+    // The guest's record in its volume: boot=1 was written above; a restarted guest reads it.
+    let restarted = api
+        .run(&["stop", GUEST])
+        .map_err(StageFailure)
+        .and_then(|_| {
+            api.wait_until("ci-guest stopped", Duration::from_secs(60), |s| {
+                state_of(s, GUEST) == Some("stopped") && state_of(s, SECOND) == Some("running")
+            })
+        })
+        .and_then(|_| api.run(&["start", GUEST]).map_err(StageFailure))
+        .and_then(|_| {
+            guest_line(
+                &mut console,
+                GUEST,
+                "keel-guest: disk: previous record: keel-selftest boot=1",
+                180,
+            )
+        });
+    if report.stage(&console, boot1_stages[6], restarted).is_none() {
+        report.skipped_as_failed(&not_reached(7));
+        return Ok(report.finish());
+    }
+    // The restarted guest writes boot=2; wait for that before stopping it.
+    let wrote = guest_line(&mut console, GUEST, "keel-guest: selftest done", 120);
+    if report
+        .stage(&console, "boot 1: restarted guest finished its self-test", wrote)
+        .is_none()
+        || !stop_all_and_power_off(&mut report, &mut console, &api, "boot 1")
+    {
+        report.skipped_as_failed(&boot2_stages);
+        return Ok(report.finish());
+    }
+    drop(console);
+
+    // Boot 2: the same disk.
+    let mut console = boot(&image, port)?;
+    let kept = guest_line(
+        &mut console,
+        GUEST,
+        "keel-guest: disk: previous record: keel-selftest boot=2",
+        300,
+    );
+    if report.stage(&console, boot2_stages[0], kept).is_none() {
+        report.skipped_as_failed(&boot2_stages[1..]);
+        return Ok(report.finish());
+    }
+    let second_up = api.wait_until("both guests running after the reboot", Duration::from_secs(120), |s| {
+        state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")
+    });
+    if report.stage(&console, boot2_stages[1], second_up).is_none() {
+        report.skipped_as_failed(&boot2_stages[2..]);
+        return Ok(report.finish());
+    }
+    stop_all_and_power_off(&mut report, &mut console, &api, "boot 2");
     Ok(report.finish())
 }
 
