@@ -9,9 +9,11 @@
 //!         its volume (`keel.selftest` in ci.yaml); `keelctl list`; `keelctl apply` of a
 //!         config with a second guest starts it; `keelctl stop`/`start` of the first guest;
 //!         stopping both leaves the appliance idle, and it powers off (`on_idle: poweroff`).
-//! boot 2: the same disk again: the guest finds the record it wrote in boot 1 (the volume
-//!         survived the appliance's reboot) and the applied config (second guest) is still
-//!         the one in force; stopping both powers it off again.
+//! boot 2: the same disk, made 1 GiB larger in between (as when an image is flashed to a
+//!         bigger disk): keel-init grows KEEL-DATA's partition and filesystem; the guest
+//!         finds the record it wrote in boot 1 (the volume survived the appliance's reboot
+//!         and the growth) and the applied config (second guest) is still the one in force;
+//!         stopping both powers it off again.
 //!
 //! Run by `ci/e2e` (`test = false` keeps it out of `cargo test`/nextest), which passes:
 //!   KEEL_E2E_HOST_KERNEL     Debian's linux-image-amd64 vmlinuz (kernel-config/fetch-host)
@@ -288,6 +290,7 @@ fn run() -> Result<bool, String> {
         "boot 1: idle appliance powers off cleanly",
     ];
     let boot2_stages = [
+        "boot 2: KEEL-DATA's partition and filesystem grow to the bigger disk",
         "boot 2: the volume kept the guest's record across the appliance reboot",
         "boot 2: the applied config is in force (second guest up)",
         "boot 2: keelctl stop of both guests",
@@ -386,23 +389,36 @@ fn run() -> Result<bool, String> {
     }
     drop(console);
 
-    // Boot 2: the same disk.
+    // Boot 2: the same disk, 1 GiB larger.
+    let grown_to = std::fs::metadata(&image).map_err(|e| e.to_string())?.len() + (1 << 30);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(grown_to))
+        .map_err(|e| format!("{}: cannot grow: {e}", image.display()))?;
     let mut console = boot(&image, port)?;
+    let grown = console
+        .expect("partition grown from", &FATAL, Duration::from_secs(300))
+        .and_then(|_| console.expect("filesystem grown from", &FATAL, Duration::from_secs(120)));
+    if report.stage(&console, boot2_stages[0], grown).is_none() {
+        report.skipped_as_failed(&boot2_stages[1..]);
+        return Ok(report.finish());
+    }
     let kept = guest_line(
         &mut console,
         GUEST,
         "keel-guest: disk: previous record: keel-selftest boot=2",
         300,
     );
-    if report.stage(&console, boot2_stages[0], kept).is_none() {
-        report.skipped_as_failed(&boot2_stages[1..]);
+    if report.stage(&console, boot2_stages[1], kept).is_none() {
+        report.skipped_as_failed(&boot2_stages[2..]);
         return Ok(report.finish());
     }
     let second_up = api.wait_until("both guests running after the reboot", Duration::from_secs(120), |s| {
         state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")
     });
-    if report.stage(&console, boot2_stages[1], second_up).is_none() {
-        report.skipped_as_failed(&boot2_stages[2..]);
+    if report.stage(&console, boot2_stages[2], second_up).is_none() {
+        report.skipped_as_failed(&boot2_stages[3..]);
         return Ok(report.finish());
     }
     stop_all_and_power_off(&mut report, &mut console, &api, "boot 2");
