@@ -231,6 +231,45 @@ fn stop_all_and_power_off(report: &mut Report, console: &mut Console, api: &Keel
         .is_some()
 }
 
+/// The guest has written its volume record and pinged the bridge: keel-vmm's device
+/// counters, read by keel-init over the VMM's control socket, must show it in
+/// `keelctl status` and in the Prometheus metrics.
+fn device_traffic(api: &Keelctl) -> Result<(), String> {
+    let text = api.run(&["status", GUEST, "--json"])?;
+    let detail: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("status --json: {e}: {text}"))?;
+    let devices = detail["stats"]["devices"]
+        .as_array()
+        .ok_or_else(|| format!("status --json has no stats.devices: {text}"))?;
+    let device = |name: &str| {
+        devices
+            .iter()
+            .find(|d| d["name"] == name)
+            .ok_or_else(|| format!("no device {name} in stats.devices: {text}"))
+    };
+    let number = |d: &serde_json::Value, k: &str| d[k].as_u64().unwrap_or(0);
+    let blk = device("virtio-blk0")?;
+    if number(blk, "bytes_out") < 512 || number(blk, "ops_in") == 0 {
+        return Err(format!("virtio-blk0 shows no record write / read: {blk}"));
+    }
+    let net = device("virtio-net0")?;
+    if number(net, "ops_out") == 0 || number(net, "ops_in") == 0 {
+        return Err(format!("virtio-net0 shows no frames both ways: {net}"));
+    }
+    let metrics = api.run(&["metrics"])?;
+    let wanted = format!("guest=\"{GUEST}\"");
+    let has = |family: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with(family) && l.contains(&wanted) && !l.trim_end().ends_with(" 0"))
+    };
+    for family in ["keel_guest_disk_bytes", "keel_guest_net_bytes"] {
+        if !has(family) {
+            return Err(format!("`keelctl metrics` has no non-zero {family} for {GUEST}"));
+        }
+    }
+    Ok(())
+}
+
 /// The config `keelctl apply` installs: ci.yaml plus a second guest on the same bridge.
 fn config_with_second_guest(work: &Path) -> Result<PathBuf, String> {
     let base = std::fs::read_to_string(repo_file("configs/ci.yaml")).map_err(|e| format!("ci.yaml: {e}"))?;
@@ -284,6 +323,7 @@ fn run() -> Result<bool, String> {
         "boot 1: guest marker through the [guest] relay",
         "boot 1: guest DHCP lease and ping through the NAT bridge, record written to its volume",
         "boot 1: keelctl list through the forwarded API",
+        "boot 1: keelctl status and metrics show the guest's disk and network traffic",
         "boot 1: keelctl apply adds a second guest, which starts",
         "boot 1: keelctl stop, then start, of the first guest",
         "boot 1: keelctl stop of both guests",
@@ -341,6 +381,12 @@ fn run() -> Result<bool, String> {
         return Ok(report.finish());
     }
 
+    let traffic = device_traffic(&api).map_err(StageFailure);
+    if report.stage(&console, boot1_stages[5], traffic).is_none() {
+        report.skipped_as_failed(&not_reached(6));
+        return Ok(report.finish());
+    }
+
     let applied = api
         .run(&["apply", &two_guests.display().to_string()])
         .map_err(StageFailure)
@@ -350,8 +396,8 @@ fn run() -> Result<bool, String> {
                 state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")
             })
         });
-    if report.stage(&console, boot1_stages[5], applied).is_none() {
-        report.skipped_as_failed(&not_reached(6));
+    if report.stage(&console, boot1_stages[6], applied).is_none() {
+        report.skipped_as_failed(&not_reached(7));
         return Ok(report.finish());
     }
 
@@ -373,8 +419,8 @@ fn run() -> Result<bool, String> {
                 180,
             )
         });
-    if report.stage(&console, boot1_stages[6], restarted).is_none() {
-        report.skipped_as_failed(&not_reached(7));
+    if report.stage(&console, boot1_stages[7], restarted).is_none() {
+        report.skipped_as_failed(&not_reached(8));
         return Ok(report.finish());
     }
     // The restarted guest writes boot=2; wait for that before stopping it.

@@ -139,6 +139,18 @@ pub struct DeviceCounters {
 }
 
 impl DeviceCounters {
+    /// Counters outside the registry (a device built by a test or a benchmark);
+    /// [`device_counters`] makes the ones `stats` reports.
+    pub fn detached(kind: DeviceKind) -> Arc<Self> {
+        Arc::new(DeviceCounters {
+            kind,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            ops_in: AtomicU64::new(0),
+            ops_out: AtomicU64::new(0),
+        })
+    }
+
     /// One request towards the guest of `bytes` (a disk read, a received packet).
     pub fn add_in(&self, bytes: u64) {
         self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
@@ -151,7 +163,8 @@ impl DeviceCounters {
         self.ops_out.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn snapshot(&self, name: &str) -> DeviceStats {
+    /// What the counters say now.
+    pub fn snapshot(&self, name: &str) -> DeviceStats {
         DeviceStats {
             name: name.to_string(),
             kind: self.kind,
@@ -176,13 +189,7 @@ pub fn device_counters(name: &str, kind: DeviceKind) -> Arc<DeviceCounters> {
     if let Some((_, c)) = reg.iter().find(|(n, _)| n == name) {
         return c.clone();
     }
-    let c = Arc::new(DeviceCounters {
-        kind,
-        bytes_in: AtomicU64::new(0),
-        bytes_out: AtomicU64::new(0),
-        ops_in: AtomicU64::new(0),
-        ops_out: AtomicU64::new(0),
-    });
+    let c = DeviceCounters::detached(kind);
     reg.push((name.to_string(), c.clone()));
     c
 }

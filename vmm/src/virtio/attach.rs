@@ -12,6 +12,7 @@ use super::net::{Mac, Net};
 use super::rng::Rng;
 use super::tap::Tap;
 use super::{Interrupt, VirtioDevice};
+use crate::api::{DeviceKind, device_counters};
 use crate::boot::acpi::MmioDeviceInfo;
 use crate::boot::layout::{VIRTIO_IRQS, VIRTIO_MMIO_BASE};
 use crate::bus::Bus;
@@ -46,11 +47,14 @@ pub fn open_all(config: &VmConfig) -> Result<Vec<PlannedDevice>, Error> {
         let info = slot(out.len());
         out.push(PlannedDevice { device, info, label });
     };
-    for disk in &config.disks {
-        let block = Block::open(disk).map_err(|e| Error::Device(e.to_string()))?;
+    // Counter names follow the order the guest sees: virtio-blk0 is its first disk.
+    for (i, disk) in config.disks.iter().enumerate() {
+        let block = Block::open(disk)
+            .map_err(|e| Error::Device(e.to_string()))?
+            .with_counters(device_counters(&format!("virtio-blk{i}"), DeviceKind::Block));
         push(Box::new(block), format!("virtio-blk {}", super::block::describe(disk)));
     }
-    for net in &config.nets {
+    for (i, net) in config.nets.iter().enumerate() {
         net.validate().map_err(|e| Error::Device(e.to_string()))?;
         let tap = match (&net.tap, net.fd) {
             (Some(name), _) => Tap::open(name),
@@ -59,7 +63,8 @@ pub fn open_all(config: &VmConfig) -> Result<Vec<PlannedDevice>, Error> {
         .map_err(|e| Error::Device(e.to_string()))?;
         let mac = net.mac.unwrap_or_else(Mac::random);
         let label = format!("virtio-net tap {} mac {mac}", tap.name());
-        push(Box::new(Net::new(tap, mac)), label);
+        let counters = device_counters(&format!("virtio-net{i}"), DeviceKind::Net);
+        push(Box::new(Net::new(tap, mac).with_counters(counters)), label);
     }
     if config.rng {
         push(Box::<Rng>::default(), "virtio-rng".into());

@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -21,6 +22,7 @@ use vm_memory::VolatileSlice;
 
 use super::queue_handler::{self, Chain};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice, read_config_bytes};
+use crate::api::{DeviceCounters, DeviceKind};
 pub use crate::device_config::DiskConfig;
 use crate::error::os_message;
 use crate::memory::GuestMemory;
@@ -61,6 +63,8 @@ pub struct Block {
     chain: Chain,
     iov: IovecBuf,
     bounce: Option<AlignedBuf>,
+    /// Reads ("in") and writes ("out") for the control socket's `stats`.
+    counters: Arc<DeviceCounters>,
 }
 
 /// A reusable iovec vector. Its raw pointers only live for one request, inside the
@@ -122,9 +126,16 @@ impl Block {
             chain: Chain::default(),
             iov: IovecBuf::default(),
             bounce: None,
+            counters: DeviceCounters::detached(DeviceKind::Block),
         };
         block.config = block.config_space();
         Ok(block)
+    }
+
+    /// Counts this disk's reads and writes in `counters` (from [`device_counters`]).
+    pub fn with_counters(mut self, counters: Arc<DeviceCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Capacity in 512-byte sectors.
@@ -187,11 +198,20 @@ impl Block {
         let out_len = self.chain.readable_len - HEADER_LEN;
         match kind {
             VIRTIO_BLK_T_IN => match self.rw(mem, sector, in_len, false) {
-                Ok(()) => (VIRTIO_BLK_S_OK, in_len),
+                Ok(()) => {
+                    self.counters.add_in(in_len);
+                    (VIRTIO_BLK_S_OK, in_len)
+                }
                 Err(status) => (status, 0),
             },
             VIRTIO_BLK_T_OUT if self.readonly => (VIRTIO_BLK_S_IOERR, 0),
-            VIRTIO_BLK_T_OUT => (self.rw(mem, sector, out_len, true).err().unwrap_or(VIRTIO_BLK_S_OK), 0),
+            VIRTIO_BLK_T_OUT => match self.rw(mem, sector, out_len, true) {
+                Ok(()) => {
+                    self.counters.add_out(out_len);
+                    (VIRTIO_BLK_S_OK, 0)
+                }
+                Err(status) => (status, 0),
+            },
             VIRTIO_BLK_T_FLUSH => {
                 // SAFETY: fdatasync on an fd we own.
                 if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {

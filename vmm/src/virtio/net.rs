@@ -16,6 +16,8 @@
 //! The tap is watched edge-triggered, so readiness is remembered here (`tap_readable`,
 //! `tx_blocked`) rather than re-armed.
 
+use std::sync::Arc;
+
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueT;
@@ -23,6 +25,7 @@ use virtio_queue::QueueT;
 use super::queue_handler::{self, Chain, Segment};
 use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{COMMON_FEATURES, ExtraFd, NeedsReset, QueueContext, VirtioDevice, has_feature, read_config_bytes};
+use crate::api::{DeviceCounters, DeviceKind};
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -114,6 +117,8 @@ pub struct Net<B: NetBackend> {
     rx_avail_seen: u16,
     iov: Vec<IoVec>,
     pub stats: NetStats,
+    /// Received ("in") and sent ("out") frames and bytes for the control socket's `stats`.
+    counters: Arc<DeviceCounters>,
 }
 
 /// Counters for logs and benchmarks.
@@ -152,7 +157,14 @@ impl<B: NetBackend> Net<B> {
             rx_avail_seen: 0,
             iov: Vec::new(),
             stats: NetStats::default(),
+            counters: DeviceCounters::detached(DeviceKind::Net),
         }
+    }
+
+    /// Counts this NIC's frames in `counters` (from [`device_counters`]).
+    pub fn with_counters(mut self, counters: Arc<DeviceCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     pub fn mac(&self) -> Mac {
@@ -185,7 +197,10 @@ impl<B: NetBackend> Net<B> {
                     self.stats.tx_dropped += 1;
                 } else {
                     match self.write_frame(ctx) {
-                        Ok(()) => self.stats.tx_frames += 1,
+                        Ok(()) => {
+                            self.stats.tx_frames += 1;
+                            self.counters.add_out(self.chain.readable_len - VNET_HDR_LEN as u64);
+                        }
                         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::ENOBUFS) => {
                             queue_handler::unpop_chain(&mut ctx.queues[TX_QUEUE]);
                             self.tx_blocked = true;
@@ -370,6 +385,7 @@ impl<B: NetBackend> Net<B> {
             queue_handler::add_used(&mut ctx.queues[RX_QUEUE], ctx.mem, *head, done as u32)?;
         }
         self.stats.rx_frames += 1;
+        self.counters.add_in(self.rx_len.saturating_sub(VNET_HDR_LEN) as u64);
         Ok(true)
     }
 }

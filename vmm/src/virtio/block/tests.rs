@@ -126,6 +126,21 @@ fn write_then_read_back_through_the_file() {
 }
 
 #[test]
+fn reads_and_writes_are_counted_for_stats_and_failures_are_not() {
+    let counters = DeviceCounters::detached(DeviceKind::Block);
+    let mut r = rig();
+    r.dev = std::mem::replace(&mut r.dev, rig().dev).with_counters(counters.clone());
+    assert_eq!(r.request(VIRTIO_BLK_T_OUT, 8, Some(Buf::r(DATA, 4096))), (1, OK));
+    assert_eq!(r.request(VIRTIO_BLK_T_OUT, 16, Some(Buf::r(DATA, 1024))), (1, OK));
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 8, Some(Buf::w(DATA, 512))), (513, OK));
+    // Past the end of the 1 MiB disk: refused, not counted.
+    assert_eq!(r.request(VIRTIO_BLK_T_IN, 4096, Some(Buf::w(DATA, 512))), (1, IOERR));
+    let s = counters.snapshot("virtio-blk0");
+    assert_eq!((s.ops_out, s.bytes_out), (2, 5120), "writes: {s:?}");
+    assert_eq!((s.ops_in, s.bytes_in), (1, 512), "reads: {s:?}");
+}
+
+#[test]
 fn data_split_over_many_descriptors_and_indirect_tables() {
     let mut r = rig();
     r.file.write_all_at(&[0xabu8; 1024], 0).unwrap();

@@ -127,6 +127,42 @@ fn received_frame_lands_in_a_posted_buffer() {
 }
 
 #[test]
+fn frames_both_ways_are_counted_for_stats() {
+    let counters = DeviceCounters::detached(DeviceKind::Net);
+    let mut r = rig(0);
+    let (backend, peer) = SocketBackend::pair().unwrap();
+    let mut dev = Net::new(backend, Mac([2, 0, 0, 0, 0, 1])).with_counters(counters.clone());
+    dev.activate(1 << VIRTIO_F_VERSION_1).unwrap();
+    r.dev = dev;
+    r.peer = peer;
+
+    let out = frame(100, 0x42);
+    r.mem.write_slice(&out, GuestAddress(BUFS)).unwrap();
+    r.tx.add_chain(&r.mem, &[Buf::r(BUFS, out.len() as u32)]);
+    r.queue(TX_QUEUE).unwrap();
+    assert_eq!(r.peer_recv().as_deref(), Some(&out[..]));
+
+    r.rx.add_chain(&r.mem, &[Buf::w(BUFS + 0x1000, 2048)]);
+    let inbound = frame(60, 0x17);
+    r.peer_send(&inbound);
+    r.tap_event(libc::EPOLLIN).unwrap();
+    assert_eq!(r.rx.take_used(&r.mem).len(), 1);
+
+    // Bytes are Ethernet frames, without the vnet header.
+    let s = counters.snapshot("virtio-net0");
+    assert_eq!(
+        (s.ops_out, s.bytes_out),
+        (1, (out.len() - VNET_HDR_LEN) as u64),
+        "{s:?}"
+    );
+    assert_eq!(
+        (s.ops_in, s.bytes_in),
+        (1, (inbound.len() - VNET_HDR_LEN) as u64),
+        "{s:?}"
+    );
+}
+
+#[test]
 fn mergeable_buffers_carry_a_big_frame() {
     let mut r = rig(1 << VIRTIO_NET_F_MRG_RXBUF);
     for i in 0..4 {
