@@ -5,13 +5,13 @@
 //! The test then drives the appliance the way an operator does, with `keelctl` through the
 //! TCP control API that `keel-image run --forward` exposes on loopback:
 //!
-//! boot 1: the guest gets a DHCP lease from the bridge, pings it and writes a record into
+//! boot 1: the guest gets a DHCP lease from the bridge, pings it and writes a file into
 //!         its volume (`keel.selftest` in ci.yaml); `keelctl list`; `keelctl apply` of a
 //!         config with a second guest starts it; `keelctl stop`/`start` of the first guest;
 //!         stopping both leaves the appliance idle, and it powers off (`on_idle: poweroff`).
 //! boot 2: the same disk, made 1 GiB larger in between (as when an image is flashed to a
 //!         bigger disk): keel-init grows KEEL-DATA's partition and filesystem; the guest
-//!         finds the record it wrote in boot 1 (the volume survived the appliance's reboot
+//!         finds the file it wrote in boot 1 (the volume survived the appliance's reboot
 //!         and the growth) and the applied config (second guest) is still the one in force;
 //!         stopping both powers it off again.
 //!
@@ -39,11 +39,12 @@ const SECOND: &str = "ci-guest2";
 /// Where ci.yaml's `host.api` listens inside the appliance.
 const API_PORT: u16 = 7070;
 /// Lines that end any stage at once.
-const FATAL: [&str; 4] = [
+const FATAL: [&str; 5] = [
     "Kernel panic",
     "keel-init: internal error",
     "no DHCP lease",
     "ping 10.123.0.1 failed",
+    "disk: cannot mount",
 ];
 
 fn env_path(name: &str) -> Result<PathBuf, String> {
@@ -231,7 +232,7 @@ fn stop_all_and_power_off(report: &mut Report, console: &mut Console, api: &Keel
         .is_some()
 }
 
-/// The guest has written its volume record and pinged the bridge: keel-vmm's device
+/// The guest has written a file into its volume and pinged the bridge: keel-vmm's device
 /// counters, read by keel-init over the VMM's control socket, must show it in
 /// `keelctl status` and in the Prometheus metrics.
 fn device_traffic(api: &Keelctl) -> Result<(), String> {
@@ -321,7 +322,7 @@ fn run() -> Result<bool, String> {
         "boot 1: keel-init started as PID 1",
         "boot 1: /dev/kvm ready",
         "boot 1: guest marker through the [guest] relay",
-        "boot 1: guest DHCP lease and ping through the NAT bridge, record written to its volume",
+        "boot 1: guest DHCP lease and ping through the NAT bridge, file written to its volume",
         "boot 1: keelctl list through the forwarded API",
         "boot 1: keelctl status and metrics show the guest's disk and network traffic",
         "boot 1: keelctl apply adds a second guest, which starts",
@@ -331,7 +332,7 @@ fn run() -> Result<bool, String> {
     ];
     let boot2_stages = [
         "boot 2: KEEL-DATA's partition and filesystem grow to the bigger disk",
-        "boot 2: the volume kept the guest's record across the appliance reboot",
+        "boot 2: the volume kept the file the guest wrote across the appliance reboot",
         "boot 2: the applied config is in force (second guest up)",
         "boot 2: keelctl stop of both guests",
         "boot 2: idle appliance powers off cleanly",
