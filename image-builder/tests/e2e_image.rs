@@ -321,6 +321,7 @@ fn run() -> Result<bool, String> {
     let boot1_stages = [
         "boot 1: keel-init started as PID 1",
         "boot 1: /dev/kvm ready",
+        "boot 1: VLAN 30 of the uplink (eth0.30) joins bridge br-vlan",
         "boot 1: guest marker through the [guest] relay",
         "boot 1: guest DHCP lease and ping through the NAT bridge, file written to its volume",
         "boot 1: keelctl list through the forwarded API",
@@ -347,11 +348,12 @@ fn run() -> Result<bool, String> {
     // Boot 1.
     let mut console = boot(&image, port)?;
     let mut times = Vec::new();
-    let markers: [(&str, &str, u64); 4] = [
+    let markers: [(&str, &str, u64); 5] = [
         (boot1_stages[0], "keel-init started as PID 1", 180),
         (boot1_stages[1], "/dev/kvm ready", 60),
-        (boot1_stages[2], "keel-guest: ci-guest is up", 180),
-        (boot1_stages[3], "keel-guest: ping 10.123.0.1 ok", 120),
+        (boot1_stages[2], "bridged, port eth0.30", 60),
+        (boot1_stages[3], "keel-guest: ci-guest is up", 180),
+        (boot1_stages[4], "keel-guest: ping 10.123.0.1 ok", 120),
     ];
     for (i, (stage, needle, timeout)) in markers.into_iter().enumerate() {
         let result = if needle.contains("keel-guest") {
@@ -370,21 +372,21 @@ fn run() -> Result<bool, String> {
         "e2e: firmware_to_init_ms={} init_to_kvm_ms={} kvm_to_guest_ms={} total_ms={}",
         ms(times[0]),
         ms(times[1] - times[0]),
-        ms(times[2] - times[1]),
-        ms(times[2])
+        ms(times[3] - times[1]),
+        ms(times[3])
     );
 
     let listed = api.wait_until("ci-guest running in `keelctl list`", Duration::from_secs(60), |s| {
         state_of(s, GUEST) == Some("running")
     });
-    if report.stage(&console, boot1_stages[4], listed).is_none() {
-        report.skipped_as_failed(&not_reached(5));
+    if report.stage(&console, boot1_stages[5], listed).is_none() {
+        report.skipped_as_failed(&not_reached(6));
         return Ok(report.finish());
     }
 
     let traffic = device_traffic(&api).map_err(StageFailure);
-    if report.stage(&console, boot1_stages[5], traffic).is_none() {
-        report.skipped_as_failed(&not_reached(6));
+    if report.stage(&console, boot1_stages[6], traffic).is_none() {
+        report.skipped_as_failed(&not_reached(7));
         return Ok(report.finish());
     }
 
@@ -397,8 +399,8 @@ fn run() -> Result<bool, String> {
                 state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")
             })
         });
-    if report.stage(&console, boot1_stages[6], applied).is_none() {
-        report.skipped_as_failed(&not_reached(7));
+    if report.stage(&console, boot1_stages[7], applied).is_none() {
+        report.skipped_as_failed(&not_reached(8));
         return Ok(report.finish());
     }
 
@@ -420,8 +422,8 @@ fn run() -> Result<bool, String> {
                 180,
             )
         });
-    if report.stage(&console, boot1_stages[7], restarted).is_none() {
-        report.skipped_as_failed(&not_reached(8));
+    if report.stage(&console, boot1_stages[8], restarted).is_none() {
+        report.skipped_as_failed(&not_reached(9));
         return Ok(report.finish());
     }
     // The restarted guest writes boot=2; wait for that before stopping it.
