@@ -5,6 +5,9 @@
 //! memory the guest touched), VMs started per second with 20 concurrent guests, and
 //! exec → exit after the guest's i8042 reset (median of 20); each beside Firecracker
 //! v1.16.1's figure on this kind of machine. It measures; it asserts nothing about time.
+//!
+//! `KEEL_VMM_BIN=PATH` measures that binary instead of this build's: `ci/bench` passes the
+//! static one an appliance ships (ci/appliance-bins), which has no dynamic loader to run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,6 +34,9 @@ fn main() {
     if !require_kvm() {
         return;
     }
+    let bin = vmm();
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    println!("binary: {bin} ({:.1} MiB)", size as f64 / 1048576.0);
     let dir = tempfile::tempdir().expect("tempdir");
     let ready_then_reset = write_file(dir.path(), "reset.elf", &elf_kernel(&hello_guest(b""), LOAD_ADDR, 0));
     let ready_then_halt = {
@@ -144,8 +150,13 @@ fn main() {
     );
 }
 
+/// The keel-vmm to measure: `KEEL_VMM_BIN`, else this build's.
+fn vmm() -> String {
+    std::env::var("KEEL_VMM_BIN").unwrap_or_else(|_| vmm_bin().to_string())
+}
+
 fn start(kernel: &str, extra_env: &[(&str, &str)]) -> Child {
-    Command::new(vmm_bin())
+    Command::new(vmm())
         .args([
             "--kernel",
             kernel,
