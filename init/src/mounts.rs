@@ -68,7 +68,7 @@ const EARLY: &[Fs] = &[
     },
     Fs {
         source: "efivarfs",
-        target: "/sys/firmware/efi/efivars",
+        target: EFIVARS_DIR,
         fstype: "efivarfs",
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
@@ -80,7 +80,7 @@ const EARLY: &[Fs] = &[
 pub fn mount_early() -> Vec<String> {
     let mut failures = Vec::new();
     for fs in EARLY {
-        if fs.fstype == "efivarfs" && !Path::new("/sys/firmware/efi").exists() {
+        if fs.fstype == "efivarfs" && !Path::new(EFI_FIRMWARE_DIR).exists() {
             continue;
         }
         if let Err(e) = fs::create_dir_all(fs.target) {
@@ -91,10 +91,50 @@ pub fn mount_early() -> Vec<String> {
             Ok(()) => debug!(target = fs.target, "mounted {}", fs.fstype),
             // Already mounted (e.g. the kernel automounted devtmpfs): fine.
             Err(nix::errno::Errno::EBUSY) => {}
+            // efivarfs is a module in Debian's kernels (CONFIG_EFIVAR_FS=m): not there
+            // yet; `mount_efivarfs` mounts it once the modules are loaded.
+            Err(nix::errno::Errno::ENODEV) if fs.fstype == "efivarfs" => {
+                debug!("efivarfs is not built in; mounting it after the modules are loaded")
+            }
             Err(e) => failures.push(format!("mount {} on {}: {e}", fs.fstype, fs.target)),
         }
     }
     failures
+}
+
+/// Where efivarfs goes, and the directory that exists only on UEFI machines.
+pub const EFIVARS_DIR: &str = "/sys/firmware/efi/efivars";
+const EFI_FIRMWARE_DIR: &str = "/sys/firmware/efi";
+/// `f_type` of an efivarfs mount (linux/magic.h).
+const EFIVARFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xde5e_81e4);
+
+/// Mounts efivarfs if this is a UEFI machine and it is not mounted yet: call after the
+/// kernel modules are loaded (the early mount fails while efivarfs is a module that is
+/// not loaded). Without it keel-init cannot read `LoaderBootCountPath`, so it would
+/// never know that a boot is a trial and never give up an unhealthy one (no rollback).
+/// `Ok(true)` when it mounted it now.
+pub fn mount_efivarfs() -> Result<bool, String> {
+    mount_efivarfs_at(Path::new(EFI_FIRMWARE_DIR), Path::new(EFIVARS_DIR))
+}
+
+fn mount_efivarfs_at(firmware_dir: &Path, target: &Path) -> Result<bool, String> {
+    if !firmware_dir.exists() {
+        return Ok(false); // BIOS boot: no EFI variables
+    }
+    if nix::sys::statfs::statfs(target).is_ok_and(|st| st.filesystem_type() == EFIVARFS_MAGIC) {
+        return Ok(false);
+    }
+    fs::create_dir_all(target).map_err(|e| format!("mkdir {}: {e}", target.display()))?;
+    match mount(
+        Some("efivarfs"),
+        target,
+        Some("efivarfs"),
+        NOSUID_NODEV_NOEXEC,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(true),
+        Err(e) => Err(format!("mount efivarfs on {}: {e}", target.display())),
+    }
 }
 
 /// Points stdin/stdout/stderr at /dev/console. The kernel opens the console for
@@ -128,5 +168,21 @@ pub fn unmount_quietly(target: &str) {
         && e != nix::errno::Errno::ENOENT
     {
         warn!("umount {target}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn efivarfs_is_left_alone_on_a_bios_machine() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let target = root.path().join("sys/firmware/efi/efivars");
+        assert_eq!(
+            mount_efivarfs_at(&root.path().join("sys/firmware/efi"), &target),
+            Ok(false)
+        );
+        assert!(!target.exists(), "nothing created without /sys/firmware/efi");
     }
 }

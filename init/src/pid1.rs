@@ -197,6 +197,12 @@ fn serve_appliance(level: Arc<LevelHandle>) -> anyhow::Result<Action> {
     rt.block_on(async {
         let vendor = modules::cpu_vendor();
         modules::load_all(&modules::modules_dir(), vendor);
+        // Boot counting needs LoaderBootCountPath: efivarfs, a module on Debian's kernels.
+        match mounts::mount_efivarfs() {
+            Ok(true) => info!("efivarfs mounted on {}", mounts::EFIVARS_DIR),
+            Ok(false) => {}
+            Err(e) => warn!("{e}: boot counting cannot tell a trial boot, so an unhealthy update is not given up"),
+        }
         wait_for_kvm(Duration::from_secs(3)).await;
         let applied = load_config().await;
         let env = Environment::appliance();
@@ -327,6 +333,8 @@ pub struct UpdateWatch {
     agent: Arc<crate::update::Agent>,
     assessment: crate::update::health::Assessment,
     window: Duration,
+    /// Found healthy, but an install held the ESP: bless as soon as it is free.
+    bless_pending: bool,
 }
 
 enum HealthStep {
@@ -335,28 +343,43 @@ enum HealthStep {
     Reboot,
 }
 
+/// How soon a bless postponed by an install in progress is tried again.
+const BLESS_RETRY: Duration = Duration::from_secs(1);
+
 impl UpdateWatch {
     fn step(&mut self, ctx: &ApiContext, sup: &Mutex<Supervisor>) -> HealthStep {
         use crate::update::health::{self, Action as H};
         let now = Instant::now();
-        let applied_at = *ctx.config_applied_at.lock().unwrap_or_else(|p| p.into_inner());
-        let verdict = health::assess(now, applied_at, &lock(sup).health(), self.window);
-        match self.assessment.step(now, &verdict) {
-            H::Bless => {
-                match self.agent.bless() {
+        if !self.bless_pending {
+            let applied_at = *ctx.config_applied_at.lock().unwrap_or_else(|p| p.into_inner());
+            let verdict = health::assess(now, applied_at, &lock(sup).health(), self.window);
+            match self.assessment.step(now, &verdict) {
+                H::Bless => self.bless_pending = true,
+                H::GiveUp(reason) => {
+                    error!(
+                        "this trial boot will not become healthy ({reason}); rebooting so the boot loader tries again or falls back"
+                    );
+                    return HealthStep::Reboot;
+                }
+                H::Wait(Some(t)) => return HealthStep::WakeAt(t),
+                H::Wait(None) | H::Idle => return HealthStep::Nothing,
+            }
+        }
+        // Never wait for the ESP here: an install holds it while this loop feeds it the
+        // upload, so waiting would hang PID 1 (and the install with it).
+        match self.agent.try_bless() {
+            None => {
+                debug!("healthy, but an update is being installed; blessing once it is done");
+                HealthStep::WakeAt(now + BLESS_RETRY)
+            }
+            Some(result) => {
+                self.bless_pending = false;
+                match result {
                     Ok(r) => info!("the system is healthy: boot entry blessed ({r:?})"),
                     Err(e) => error!("the system is healthy but blessing failed: {e}"),
                 }
                 HealthStep::Nothing
             }
-            H::GiveUp(reason) => {
-                error!(
-                    "this trial boot will not become healthy ({reason}); rebooting so the boot loader tries again or falls back"
-                );
-                HealthStep::Reboot
-            }
-            H::Wait(Some(t)) => HealthStep::WakeAt(t),
-            H::Wait(None) | H::Idle => HealthStep::Nothing,
         }
     }
 }
@@ -400,6 +423,7 @@ async fn update_watch(window: Duration) -> Option<UpdateWatch> {
                 agent: Arc::new(agent),
                 assessment,
                 window,
+                bless_pending: false,
             })
         }
         Err(e) => {

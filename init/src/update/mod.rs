@@ -151,6 +151,19 @@ impl Agent {
         bless::bless_and_prune(&self.esp, &self.efivars, &self.running_version)
     }
 
+    /// [`Agent::bless`] without waiting: `None` while another operation holds the ESP
+    /// (an install streaming in); try again later. For the event loop, which must never
+    /// block on the ESP lock: an install holds it while it waits for the event loop to
+    /// hand it the next chunk of the upload, so blocking there would hang PID 1.
+    pub fn try_bless(&self) -> Option<Result<BlessReport, BlessError>> {
+        let _g = match self.lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(bless::bless_and_prune(&self.esp, &self.efivars, &self.running_version))
+    }
+
     pub fn rollback(&self) -> Result<RolledBack, RollbackError> {
         let _g = self.guard();
         rollback::rollback(&self.esp, &self.running_version)
@@ -169,5 +182,66 @@ impl Agent {
                 slot,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_with(esp: &Path, files: &[&str]) -> Agent {
+        let linux = esp.join(slots::EFI_LINUX);
+        std::fs::create_dir_all(&linux).expect("mkdir");
+        for f in files {
+            std::fs::write(linux.join(f), b"uki").expect("write");
+        }
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        Agent::new(esp.to_owned(), esp.join("no-efivars"), "1.1.0".into(), vec![key])
+    }
+
+    #[test]
+    fn try_bless_does_not_wait_for_an_install_in_progress() {
+        let esp = tempfile::tempdir().expect("tempdir");
+        let agent = agent_with(esp.path(), &["keel-1.1.0+2-1.efi", "keel-1.0.0.efi"]);
+        let installing = agent.guard();
+        assert!(agent.try_bless().is_none(), "the ESP is busy: no bless, no waiting");
+        assert!(esp.path().join("EFI/Linux/keel-1.1.0+2-1.efi").exists());
+        drop(installing);
+        let report = agent.try_bless().expect("free now").expect("blessed");
+        assert_eq!(
+            report.blessed.map(|r| r.to),
+            Some("EFI/Linux/keel-1.1.0.efi".to_owned())
+        );
+        assert!(esp.path().join("EFI/Linux/keel-1.1.0.efi").exists());
+    }
+
+    #[test]
+    fn a_blocked_upload_holds_the_esp_and_try_bless_returns_at_once() {
+        use std::sync::mpsc;
+        // An upload whose next chunk never comes (the event loop that would feed it is
+        // the caller of try_bless): apply() sits in read() holding the ESP lock.
+        struct Stalled(mpsc::Receiver<()>);
+        impl Read for Stalled {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv();
+                Ok(0)
+            }
+        }
+        let esp = tempfile::tempdir().expect("tempdir");
+        let agent = std::sync::Arc::new(agent_with(esp.path(), &["keel-1.1.0.efi"]));
+        let (release, stalled) = mpsc::channel();
+        let installer = {
+            let agent = agent.clone();
+            std::thread::spawn(move || agent.apply(Stalled(stalled), false, |_, _| {}).is_err())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while agent.try_bless().is_some() {
+            assert!(std::time::Instant::now() < deadline, "apply() never took the ESP lock");
+            // Not a tight loop: std's mutex is not fair, the installer must get a chance.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        release.send(()).expect("release the upload");
+        assert!(installer.join().expect("installer"), "an empty upload is refused");
+        assert!(agent.try_bless().is_some(), "free again once the install ended");
     }
 }
