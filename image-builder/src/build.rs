@@ -25,6 +25,16 @@ pub const LOADER_CONF: &str = "timeout 0\neditor no\n";
 /// Where the ESP records each installed UKI's hash (see `Manifest`).
 pub const MANIFEST_DIR: &str = "keel/manifests";
 
+/// `--firmware-reset-on-exit` (test images only): the UEFI shell script at the ESP's
+/// root and its content. When systemd-boot cannot start an entry (a damaged UKI) it
+/// spends the try and exits to the firmware; OVMF then falls through to its UEFI shell,
+/// which runs `startup.nsh` from the ESP after a short countdown, and `reset` starts
+/// the boot over, so the next try (or the fallback) runs unattended. Real firmware
+/// moves on to its next boot option instead; appliance images do not carry a script
+/// that the firmware's shell would run.
+pub const FIRMWARE_RESET_SCRIPT: &str = "startup.nsh";
+pub const FIRMWARE_RESET_NSH: &str = "reset\r\n";
+
 /// Everything that goes into an image. Paths are resolved and files read by the caller.
 #[derive(Debug, Clone)]
 pub struct ImageInputs {
@@ -48,6 +58,9 @@ pub struct ImageInputs {
     pub disk_size: u64,
     /// Seconds since 1970 for every timestamp in the image (`SOURCE_DATE_EPOCH`).
     pub timestamp: i64,
+    /// Test images: write [`FIRMWARE_RESET_SCRIPT`] so OVMF resets when systemd-boot
+    /// exits to it.
+    pub firmware_reset_on_exit: bool,
 }
 
 /// The record of one UKI kept on the ESP as `keel/manifests/keel-<version>.json`, in
@@ -223,6 +236,10 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
         .map_err(fat_err("KEEL-ESP"))?;
     esp.add_file(&Manifest::path_for(&inputs.version), manifest_json)
         .map_err(fat_err("KEEL-ESP"))?;
+    if inputs.firmware_reset_on_exit {
+        esp.add_file(FIRMWARE_RESET_SCRIPT, FIRMWARE_RESET_NSH.as_bytes().to_vec())
+            .map_err(fat_err("KEEL-ESP"))?;
+    }
     let mut config = FatTree::new();
     config
         .add_file("keel.yaml", inputs.config_yaml.clone())
@@ -353,6 +370,7 @@ mod tests {
             systemd_boot: Vec::new(),
             disk_size: 0,
             timestamp: 0,
+            firmware_reset_on_exit: false,
         }
     }
 

@@ -245,6 +245,11 @@ struct BuildArgs {
     /// token `host.api.token_file` names: `--config-file api-token=./token`.
     #[arg(long = "config-file", value_name = "NAME=PATH")]
     config_files: Vec<String>,
+    /// For test images only: put `startup.nsh` (`reset`) at the ESP's root, so that when
+    /// systemd-boot exits to the firmware (a UKI it cannot start), QEMU's OVMF resets from
+    /// its UEFI shell and the next try runs unattended. Not for appliances.
+    #[arg(long)]
+    firmware_reset_on_exit: bool,
 }
 
 fn main() -> ExitCode {
@@ -435,6 +440,7 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
         )?,
         disk_size,
         timestamp,
+        firmware_reset_on_exit: args.firmware_reset_on_exit,
     };
     let report = build::build_image(&inputs, &args.output, &bar)?;
     bar.finish_and_clear();

@@ -131,7 +131,7 @@ impl QemuInvocation {
 /// Builds the QEMU invocation: q35, OVMF code read-only as pflash unit 0 and a fresh
 /// copy of the VARS template as unit 1 (a new machine's empty NVRAM every run), no
 /// default devices, serial on stdio, no reboot (a reboot ends QEMU, so a test sees it),
-/// the disk as a raw virtio drive.
+/// the disk as a raw virtio drive and the only boot device.
 pub fn invocation(opts: &QemuOptions) -> Result<QemuInvocation, QemuError> {
     std::fs::metadata(&opts.ovmf_code).map_err(|source| QemuError::Firmware {
         path: opts.ovmf_code.clone(),
@@ -169,9 +169,22 @@ pub fn invocation(opts: &QemuOptions) -> Result<QemuInvocation, QemuError> {
     };
     drive(pflash(0, &opts.ovmf_code, true));
     drive(pflash(1, vars.path(), false));
-    let mut disk = OsString::from("if=virtio,format=raw,file=");
+    let mut disk = OsString::from("if=none,id=keel-disk,format=raw,file=");
     disk.push(escape_commas(&opts.disk));
     drive(disk);
+    // The disk is the only boot device. Otherwise, when the boot loader exits to the
+    // firmware (a UKI it cannot start), OVMF goes on to network boot through the NIC of
+    // `--forward` (iPXE, PXE, HTTP: about a minute each) before its UEFI shell, which
+    // runs startup.nsh on test images (`keel-image build --firmware-reset-on-exit`).
+    args.extend(
+        [
+            "-device",
+            "virtio-blk-pci,drive=keel-disk,bootindex=0",
+            "-boot",
+            "strict=on",
+        ]
+        .map(OsString::from),
+    );
     if opts.snapshot {
         args.push("-snapshot".into());
     }

@@ -277,6 +277,23 @@ fn built_image_passes_sfdisk_and_fsck_and_holds_the_boot_files() {
 }
 
 #[test]
+fn firmware_reset_on_exit_puts_startup_nsh_on_test_images_only() {
+    let fx = Fixture::new();
+    let plain = fx.build(&minimal_config(), "plain.img", EPOCH);
+    let out = fx.path("test.img");
+    let o = run(fx
+        .build_cmd(&minimal_config(), &out, EPOCH)
+        .arg("--firmware-reset-on-exit"));
+    assert!(o.status.success(), "build failed: {}", text(&o));
+    let esp = fat(&out, "KEEL-ESP");
+    assert_eq!(read_fat_file(&esp, "startup.nsh"), b"reset\r\n");
+    assert!(
+        fat(&plain, "KEEL-ESP").root_dir().open_file("startup.nsh").is_err(),
+        "an appliance image carries no startup.nsh"
+    );
+}
+
+#[test]
 fn uki_sections_are_appended_aligned_and_hold_the_payload() {
     let fx = Fixture::new();
     let image = fx.build(&minimal_config(), "disk.img", EPOCH);
@@ -684,6 +701,8 @@ fn run_prints_the_documented_qemu_invocation() {
         "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
         "if=pflash,format=raw,unit=1,file=",
         "disk,,odd.img",
+        // Only the disk boots: no network boot when the boot loader exits to OVMF.
+        "-device virtio-blk-pci,drive=keel-disk,bootindex=0 -boot strict=on",
         "hostfwd=tcp:127.0.0.1:8443-:443",
         "-d guest_errors",
     ] {
