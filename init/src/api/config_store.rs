@@ -63,7 +63,16 @@ fn replace(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         op: "rename",
         source,
-    })
+    })?;
+    // KEEL-CONFIG is FAT: Linux's vfat gives the renamed entry the file's size and first
+    // cluster only when the file's inode is written back, so sync it under its new name.
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StoreError {
+            path: path.to_path_buf(),
+            op: "fsync after rename",
+            source,
+        })
 }
 
 /// Makes the renames durable. Some filesystems refuse fsync on a directory; the

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::bundle::{self, BundleError};
 use super::slots::{self, EFI_LINUX, PARTIAL_PREFIX, PARTIAL_SUFFIX, RECORDS_DIR, Slot, SlotName};
-use super::{FsError, rename_durably, sync_dir};
+use super::{FsError, rename_durably, sync_dir, sync_renamed};
 
 /// Room kept free beyond the UKI itself (the record, FAT metadata, rounding).
 pub const SPACE_MARGIN: u64 = 1 << 20;
@@ -337,6 +337,7 @@ fn write_record(esp: &Path, manifest: &bundle::Manifest, running_version: &str) 
         return Err(io_err(&tmp)(e));
     }
     fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
+    sync_renamed(&final_path)?;
     Ok(sync_dir(&dir)?)
 }
 
@@ -369,6 +370,8 @@ impl Partial {
         let to = self.dir.join(final_name);
         fs::rename(&self.path, &to).map_err(io_err(&to))?;
         self.persisted = true;
+        // On FAT the new name's entry says size 0 until the file itself is synced.
+        sync_renamed(&to)?;
         Ok(sync_dir(&self.dir)?)
     }
 }

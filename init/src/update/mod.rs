@@ -57,7 +57,19 @@ impl FsError {
 pub(crate) fn rename_durably(dir: &Path, from: &str, to: &str) -> Result<(), FsError> {
     let to_path = dir.join(to);
     std::fs::rename(dir.join(from), &to_path).map_err(|e| FsError::new(&to_path, e))?;
+    sync_renamed(&to_path)?;
     sync_dir(dir)
+}
+
+/// fsync of a file just renamed. Needed on FAT (the ESP): Linux's vfat writes the new
+/// directory entry of a rename with size 0 and no first cluster, and the file's real
+/// size and cluster reach it only when the file's inode is written back. A power cut
+/// after rename + directory fsync alone left an empty `keel-<v>+3.efi` behind a
+/// successful `keelctl update` (found by ci/e2e's power-cut runs).
+pub(crate) fn sync_renamed(path: &Path) -> Result<(), FsError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| FsError::new(path, e))
 }
 
 /// fsync of a directory: makes renames and removals in it durable.
