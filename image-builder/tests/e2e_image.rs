@@ -271,16 +271,23 @@ fn device_traffic(api: &Keelctl) -> Result<(), String> {
     Ok(())
 }
 
-/// The config `keelctl apply` installs: ci.yaml plus a second guest on the same bridge.
+/// The config `keelctl apply` installs: ci.yaml plus a second NAT bridge with DHCP and a
+/// second guest on it (so the apply must start that bridge's DHCP server).
 fn config_with_second_guest(work: &Path) -> Result<PathBuf, String> {
     let base = std::fs::read_to_string(repo_file("configs/ci.yaml")).map_err(|e| format!("ci.yaml: {e}"))?;
+    let storage = base
+        .find("\nstorage:")
+        .ok_or("configs/ci.yaml has no top-level `storage:` to insert a bridge before")?;
+    let bridge = "    - name: br-two\n      mode: nat\n      address: 10.124.0.1/24\n      dhcp:\n        \
+                  range: 10.124.0.100-10.124.0.150\n";
+    let base = format!("{}\n{bridge}{}", base[..storage].trim_end(), &base[storage..]);
     let marker = "\nupdate:";
     let at = base
         .find(marker)
         .ok_or("configs/ci.yaml has no top-level `update:` to insert the second guest before")?;
     let second = format!(
         "  - name: {SECOND}\n    vcpus: 1\n    memory: 96MiB\n    kernel: default\n    initrd: default\n    \
-         cmdline: \"quiet\"\n    nics:\n      - bridge: br-ci\n    restart:\n      policy: never\n"
+         cmdline: \"quiet\"\n    nics:\n      - bridge: br-two\n    restart:\n      policy: never\n"
     );
     let text = format!("{}\n{second}{}", base[..at].trim_end(), &base[at..]);
     let path = work.join("ci-two-guests.yaml");
@@ -326,7 +333,7 @@ fn run() -> Result<bool, String> {
         "boot 1: guest DHCP lease and ping through the NAT bridge, file written to its volume",
         "boot 1: keelctl list through the forwarded API",
         "boot 1: keelctl status and metrics show the guest's disk and network traffic",
-        "boot 1: keelctl apply adds a second guest, which starts",
+        "boot 1: keelctl apply adds a NAT bridge and a second guest on it, which starts and gets a DHCP lease there",
         "boot 1: keelctl stop, then start, of the first guest",
         "boot 1: keelctl stop of both guests",
         "boot 1: idle appliance powers off cleanly",
@@ -394,6 +401,7 @@ fn run() -> Result<bool, String> {
         .run(&["apply", &two_guests.display().to_string()])
         .map_err(StageFailure)
         .and_then(|_| guest_line(&mut console, SECOND, "keel-guest: ci-guest2 is up", 180))
+        .and_then(|_| guest_line(&mut console, SECOND, "keel-guest: eth0 10.124.0.", 120))
         .and_then(|_| {
             api.wait_until("both guests running", Duration::from_secs(30), |s| {
                 state_of(s, GUEST) == Some("running") && state_of(s, SECOND) == Some("running")

@@ -87,6 +87,8 @@ pub struct GuestResources {
     data_ready: bool,
     data_root: PathBuf,
     level: Option<Arc<LevelHandle>>,
+    /// The network services to restart or start on an apply (PID 1 only).
+    services: Option<crate::host::SharedServices>,
 }
 
 impl GuestResources {
@@ -97,7 +99,15 @@ impl GuestResources {
             data_ready,
             data_root,
             level: None,
+            services: None,
         }
+    }
+
+    /// Restarts the bridges' DHCP servers and DNS forwarders on each config apply
+    /// (or starts every network service when there were none: boot config invalid).
+    pub fn with_services(mut self, services: crate::host::SharedServices) -> Self {
+        self.services = Some(services);
+        self
     }
 
     /// Applies `host.log_level` on each config apply (PID 1 only).
@@ -163,6 +173,22 @@ impl GuestResources {
                 }
             }
             self.readiness().update_network(&cfg, &report);
+            if let Some(shared) = &self.services {
+                let mut services = shared.lock().await;
+                let items = match services.as_mut() {
+                    Some(s) => s.restart_bridges(&cfg, &report, &opts).await,
+                    None => {
+                        let (s, items) = net::Services::start(&cfg, &report, &opts).await;
+                        *services = Some(s);
+                        items
+                    }
+                };
+                for item in &items {
+                    if let Err(e) = &item.result {
+                        problems.push(format!("network service {} {}: {e}", item.component, item.name));
+                    }
+                }
+            }
             if let Some(level) = &self.level {
                 level.set(cfg.host.log_level.as_str());
             }

@@ -7,6 +7,7 @@
 //! only the guest that uses it ([`Host::blockers`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
@@ -16,13 +17,17 @@ use crate::layout;
 use crate::net;
 use crate::storage::{self, DataOptions};
 
+/// The network services, shared with config applies (which restart the bridges'
+/// services, or start them all when the boot config was invalid).
+pub type SharedServices = Arc<tokio::sync::Mutex<Option<net::Services>>>;
+
 /// What bring-up achieved, kept for the guests' dependency checks and shutdown.
 pub struct Host {
     /// KEEL-DATA is mounted at [`layout::DATA_MOUNT`].
     pub data_mounted: bool,
     pub storage: storage::Report,
     pub net: net::Report,
-    pub services: Option<net::Services>,
+    pub services: SharedServices,
 }
 
 /// Where the DHCP servers keep their leases: on KEEL-DATA so they survive
@@ -35,7 +40,9 @@ fn lease_dir(data_mounted: bool) -> PathBuf {
     }
 }
 
-pub async fn bring_up(cfg: &Config) -> Host {
+/// Brings the host up for `cfg`. Without a valid config only KEEL-DATA is mounted (it
+/// does not depend on the config); the first valid apply does the rest.
+pub async fn bring_up(cfg: Option<&Config>) -> Host {
     let data_opts = DataOptions {
         mount_point: PathBuf::from(layout::DATA_MOUNT),
         ..DataOptions::default()
@@ -62,6 +69,14 @@ pub async fn bring_up(cfg: &Config) -> Host {
         }
     };
 
+    let Some(cfg) = cfg else {
+        return Host {
+            data_mounted,
+            storage: storage::Report::default(),
+            net: net::Report::default(),
+            services: SharedServices::default(),
+        };
+    };
     let storage = if data_mounted {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || storage::reconcile(&cfg, Path::new(layout::DATA_MOUNT)))
@@ -84,7 +99,7 @@ pub async fn bring_up(cfg: &Config) -> Host {
         data_mounted,
         storage,
         net: report,
-        services: Some(services),
+        services: Arc::new(tokio::sync::Mutex::new(Some(services))),
     }
 }
 
@@ -109,7 +124,7 @@ impl Host {
 
     /// Stops the network services (the uplink's DHCP lease is released).
     pub async fn shut_down(&mut self) {
-        if let Some(services) = self.services.take() {
+        if let Some(services) = self.services.lock().await.take() {
             services.shutdown(Duration::from_secs(3)).await;
         }
     }

@@ -207,33 +207,28 @@ fn serve_appliance(level: Arc<LevelHandle>) -> anyhow::Result<Action> {
         let applied = load_config().await;
         let env = Environment::appliance();
         // KEEL-DATA, pools and volumes, networks and their services.
-        let mut host = match &applied {
-            Some(a) => {
-                if let Err(e) = nix::unistd::sethostname(a.config.host.hostname.as_str()) {
-                    warn!("cannot set hostname: {e}");
-                }
-                level.set(a.config.host.log_level.as_str());
-                Some(crate::host::bring_up(&a.config).await)
+        if let Some(a) = &applied {
+            if let Err(e) = nix::unistd::sethostname(a.config.host.hostname.as_str()) {
+                warn!("cannot set hostname: {e}");
             }
-            None => None,
-        };
-        let mut readiness = Readiness::default();
-        if let (Some(a), Some(h)) = (&applied, &host) {
-            readiness.update_storage(&a.config, &h.storage);
-            readiness.update_network(&a.config, &h.net);
+            level.set(a.config.host.log_level.as_str());
         }
-        let data_ready = host.as_ref().is_some_and(|h| h.data_mounted);
-        let resources =
-            GuestResources::new(readiness, true, data_ready, env.paths.data_root.clone()).with_log_level(level.clone());
+        let mut host = crate::host::bring_up(applied.as_ref().map(|a| &a.config)).await;
+        let mut readiness = Readiness::default();
+        if let Some(a) = &applied {
+            readiness.update_storage(&a.config, &host.storage);
+            readiness.update_network(&a.config, &host.net);
+        }
+        let resources = GuestResources::new(readiness, true, host.data_mounted, env.paths.data_root.clone())
+            .with_log_level(level.clone())
+            .with_services(host.services.clone());
         let window = applied
             .as_ref()
             .map(|a| a.config.update.health_window.get())
             .unwrap_or(Duration::from_secs(60));
         let update = update_watch(window).await;
         let action = supervise(&env, applied, resources, update).await;
-        if let Some(h) = &mut host {
-            h.shut_down().await;
-        }
+        host.shut_down().await;
         action
     })
 }

@@ -1,7 +1,8 @@
 //! The long-running parts of host networking, as tokio tasks: the uplink's DHCP
 //! client, and a DHCP server plus DNS forwarder per `nat`/`isolated` bridge
 //! with `dhcp:`. Started after [`super::apply`], stopped by [`Services::shutdown`]
-//! (which releases the uplink's lease).
+//! (which releases the uplink's lease). A config apply restarts only the bridges'
+//! services ([`Services::restart_bridges`]): the uplink keeps its lease.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -12,11 +13,118 @@ use tokio::task::JoinHandle;
 use super::{Component, Item, NetError, Options, Report, dhcp_client, dhcp_server, dns};
 use crate::config::{Config, UplinkAddress};
 
+type Tasks = Vec<(String, JoinHandle<Result<(), NetError>>)>;
+
 /// Running network services.
 pub struct Services {
     shutdown: watch::Sender<bool>,
-    tasks: Vec<(String, JoinHandle<Result<(), NetError>>)>,
+    /// The uplink's DHCP client and the upstream-DNS relay.
+    tasks: Tasks,
     uplink: watch::Receiver<dhcp_client::State>,
+    /// Upstream DNS servers for the guests' forwarders (static, or the lease's).
+    upstream: watch::Receiver<Vec<SocketAddr>>,
+    bridges: BridgeServices,
+}
+
+/// The DHCP servers and DNS forwarders of the bridges, restarted together.
+struct BridgeServices {
+    shutdown: watch::Sender<bool>,
+    tasks: Tasks,
+    /// What they were started for: the bridges' config and which of them were up.
+    started_for: String,
+}
+
+fn push_item(items: &mut Vec<Item>, component: Component, name: &str, result: Result<String, NetError>) {
+    match &result {
+        Ok(m) => tracing::info!(%component, name, "{m}"),
+        Err(e) => tracing::error!(%component, name, "{e}"),
+    }
+    items.push(Item {
+        component,
+        name: name.to_owned(),
+        result,
+    });
+}
+
+/// Stops `tasks` (their stop signal already sent), waiting at most until `deadline`.
+async fn join_all(tasks: Tasks, deadline: tokio::time::Instant, grace: Duration) {
+    for (name, mut task) in tasks {
+        match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(service = name, "{e}"),
+            Ok(Err(e)) => tracing::warn!(service = name, "task failed: {e}"),
+            Err(_) => {
+                tracing::warn!(service = name, "did not stop within {grace:?}; aborted");
+                task.abort();
+            }
+        }
+    }
+}
+
+impl BridgeServices {
+    fn fingerprint(cfg: &Config, report: &Report) -> String {
+        let up: Vec<bool> = cfg.network.bridges.iter().map(|b| report.bridge_ok(&b.name)).collect();
+        format!("{:?} {up:?}", cfg.network.bridges)
+    }
+
+    async fn start(
+        cfg: &Config,
+        report: &Report,
+        opts: &Options,
+        upstream_rx: &watch::Receiver<Vec<SocketAddr>>,
+        items: &mut Vec<Item>,
+    ) -> BridgeServices {
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for b in &cfg.network.bridges {
+            let Some(scfg) = dhcp_server::ServerConfig::from_bridge(b, &opts.lease_dir) else {
+                continue;
+            };
+            if !report.bridge_ok(&b.name) {
+                push_item(
+                    items,
+                    Component::DhcpServer,
+                    &b.name,
+                    Err(NetError::Bridge {
+                        name: b.name.value.clone(),
+                        message: "not started: the bridge did not come up".into(),
+                    }),
+                );
+                continue;
+            }
+            let addr = scfg.address.addr;
+            let summary = format!("serving {} (router/DNS {})", scfg.range, addr);
+            match dhcp_server::bind(scfg) {
+                Ok(server) => {
+                    tasks.push((
+                        format!("dhcp-server {}", b.name.value),
+                        tokio::spawn(server.run(stop.clone())),
+                    ));
+                    push_item(items, Component::DhcpServer, &b.name, Ok(summary));
+                }
+                Err(e) => push_item(items, Component::DhcpServer, &b.name, Err(e)),
+            }
+            if opts.dns_forwarder {
+                match dns::bind(&b.name, SocketAddrV4::new(addr, 53), upstream_rx.clone()).await {
+                    Ok(f) => {
+                        tasks.push((format!("dns {}", b.name.value), tokio::spawn(f.run(stop.clone()))));
+                        push_item(items, Component::Dns, &b.name, Ok(format!("forwarding on {addr}:53")));
+                    }
+                    Err(e) => push_item(items, Component::Dns, &b.name, Err(e)),
+                }
+            }
+        }
+        BridgeServices {
+            shutdown,
+            tasks,
+            started_for: Self::fingerprint(cfg, report),
+        }
+    }
+
+    async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        join_all(self.tasks, tokio::time::Instant::now() + grace, grace).await;
+    }
 }
 
 impl Services {
@@ -26,18 +134,6 @@ impl Services {
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut items = Vec::new();
-        let mut push = |component, name: &str, result: Result<String, NetError>| {
-            match &result {
-                Ok(m) => tracing::info!(%component, name, "{m}"),
-                Err(e) => tracing::error!(%component, name, "{e}"),
-            }
-            items.push(Item {
-                component,
-                name: name.to_owned(),
-                result,
-            });
-        };
-
         // Upstream DNS for the guests' forwarders: the static list, or the lease's.
         let static_dns: Vec<Ipv4Addr> = cfg.network.uplink.dns.iter().map(|d| d.value).collect();
         let (dns_tx, dns_rx) = watch::channel(static_dns);
@@ -83,51 +179,17 @@ impl Services {
                 format!("dhcp-client {name}"),
                 tokio::spawn(dhcp_client::run(ccfg, stop.clone(), state_tx, dns_tx)),
             ));
-            push(Component::DhcpClient, &name, Ok("started".into()));
+            push_item(&mut items, Component::DhcpClient, &name, Ok("started".into()));
         }
 
-        for b in &cfg.network.bridges {
-            let Some(scfg) = dhcp_server::ServerConfig::from_bridge(b, &opts.lease_dir) else {
-                continue;
-            };
-            if !report.bridge_ok(&b.name) {
-                push(
-                    Component::DhcpServer,
-                    &b.name,
-                    Err(NetError::Bridge {
-                        name: b.name.value.clone(),
-                        message: "not started: the bridge did not come up".into(),
-                    }),
-                );
-                continue;
-            }
-            let addr = scfg.address.addr;
-            let summary = format!("serving {} (router/DNS {})", scfg.range, addr);
-            match dhcp_server::bind(scfg) {
-                Ok(server) => {
-                    tasks.push((
-                        format!("dhcp-server {}", b.name.value),
-                        tokio::spawn(server.run(stop.clone())),
-                    ));
-                    push(Component::DhcpServer, &b.name, Ok(summary));
-                }
-                Err(e) => push(Component::DhcpServer, &b.name, Err(e)),
-            }
-            if opts.dns_forwarder {
-                match dns::bind(&b.name, SocketAddrV4::new(addr, 53), upstream_rx.clone()).await {
-                    Ok(f) => {
-                        tasks.push((format!("dns {}", b.name.value), tokio::spawn(f.run(stop.clone()))));
-                        push(Component::Dns, &b.name, Ok(format!("forwarding on {addr}:53")));
-                    }
-                    Err(e) => push(Component::Dns, &b.name, Err(e)),
-                }
-            }
-        }
+        let bridges = BridgeServices::start(cfg, report, opts, &upstream_rx, &mut items).await;
         (
             Services {
                 shutdown,
                 tasks,
                 uplink: state_rx,
+                upstream: upstream_rx,
+                bridges,
             },
             items,
         )
@@ -138,21 +200,34 @@ impl Services {
         self.uplink.clone()
     }
 
+    /// After a config apply: restarts the bridges' DHCP servers and DNS forwarders
+    /// for `cfg` when the bridges (or which of them are up) changed; leases are kept
+    /// in their files. The uplink's DHCP client keeps running. Returns the items
+    /// started (none when nothing changed).
+    pub async fn restart_bridges(&mut self, cfg: &Config, report: &Report, opts: &Options) -> Vec<Item> {
+        if self.bridges.started_for == BridgeServices::fingerprint(cfg, report) {
+            return Vec::new();
+        }
+        let mut items = Vec::new();
+        let fresh = BridgeServices {
+            shutdown: watch::channel(false).0,
+            tasks: Vec::new(),
+            started_for: String::new(),
+        };
+        std::mem::replace(&mut self.bridges, fresh)
+            .shutdown(Duration::from_secs(3))
+            .await;
+        self.bridges = BridgeServices::start(cfg, report, opts, &self.upstream, &mut items).await;
+        items
+    }
+
     /// Stops every service; the DHCP client releases its lease first. Waits at
     /// most `grace` for them to finish, then aborts what is left.
     pub async fn shutdown(self, grace: Duration) {
-        let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + grace;
-        for (name, mut task) in self.tasks {
-            match tokio::time::timeout_at(deadline, &mut task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(service = name, "{e}"),
-                Ok(Err(e)) => tracing::warn!(service = name, "task failed: {e}"),
-                Err(_) => {
-                    tracing::warn!(service = name, "did not stop within {grace:?}; aborted");
-                    task.abort();
-                }
-            }
-        }
+        let _ = self.bridges.shutdown.send(true);
+        let _ = self.shutdown.send(true);
+        join_all(self.bridges.tasks, deadline, grace).await;
+        join_all(self.tasks, deadline, grace).await;
     }
 }
