@@ -14,6 +14,8 @@ pub struct Console {
     started: Instant,
     /// The last lines seen, shown when a stage fails.
     recent: Vec<String>,
+    /// Every line read so far.
+    history: Vec<String>,
 }
 
 /// A stage that did not see its line in time, or saw the console end first.
@@ -62,6 +64,7 @@ impl Console {
             lines,
             started,
             recent: Vec::new(),
+            history: Vec::new(),
         })
     }
 
@@ -73,26 +76,33 @@ impl Console {
     /// Reads lines until one contains `needle`, which it returns; fails after `timeout` or
     /// when the console closes. Lines containing any of `fatal` fail the stage at once.
     pub fn expect(&mut self, needle: &str, fatal: &[&str], timeout: Duration) -> Result<String, StageFailure> {
+        self.expect_any(&[needle], fatal, timeout).map(|(_, line)| line)
+    }
+
+    /// Like [`Console::expect`] for the first line that contains any of `needles`:
+    /// returns which one (its index) and the line.
+    pub fn expect_any(
+        &mut self,
+        needles: &[&str],
+        fatal: &[&str],
+        timeout: Duration,
+    ) -> Result<(usize, String), StageFailure> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    println!("  | {line}");
-                    self.recent.push(line.clone());
-                    if self.recent.len() > 40 {
-                        self.recent.remove(0);
-                    }
-                    if line.contains(needle) {
-                        return Ok(line);
+                    self.remember(&line);
+                    if let Some(i) = needles.iter().position(|n| line.contains(n)) {
+                        return Ok((i, line));
                     }
                     if let Some(f) = fatal.iter().find(|f| line.contains(**f)) {
-                        return Err(StageFailure(format!("saw {f:?} while waiting for {needle:?}")));
+                        return Err(StageFailure(format!("saw {f:?} while waiting for {needles:?}")));
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(StageFailure(format!(
-                        "no line containing {needle:?} within {} s",
+                        "no line containing {needles:?} within {} s",
                         timeout.as_secs()
                     )));
                 }
@@ -103,11 +113,63 @@ impl Console {
                         .map(|s| s.to_string())
                         .unwrap_or_else(|e| e.to_string());
                     return Err(StageFailure(format!(
-                        "console closed ({status}) before a line containing {needle:?}"
+                        "console closed ({status}) before a line containing {needles:?}"
                     )));
                 }
             }
         }
+    }
+
+    /// Echoes what the console prints for up to `wait` (less if it closes). Fails when
+    /// a line contains any of `fatal`, or the console has closed (QEMU is gone).
+    #[allow(dead_code)] // used by e2e_update only (each test includes this file)
+    pub fn watch(&mut self, wait: Duration, fatal: &[&str]) -> Result<(), StageFailure> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.remember(&line);
+                    if let Some(f) = fatal.iter().find(|f| line.contains(**f)) {
+                        return Err(StageFailure(format!("saw {f:?}")));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self
+                        .child
+                        .wait()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string());
+                    return Err(StageFailure(format!("console closed ({status})")));
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, line: &str) {
+        println!("  | {line}");
+        self.recent.push(line.to_owned());
+        if self.recent.len() > 40 {
+            self.recent.remove(0);
+        }
+        self.history.push(line.to_owned());
+    }
+
+    /// The last line read so far that contains `needle` (read by any of the methods).
+    #[allow(dead_code)] // used by e2e_update only
+    pub fn seen(&self, needle: &str) -> Option<&str> {
+        self.history
+            .iter()
+            .rev()
+            .find(|l| l.contains(needle))
+            .map(String::as_str)
+    }
+
+    /// The process id of the command (for `keel-image run`: the parent of QEMU).
+    #[allow(dead_code)] // used by e2e_update only
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for QEMU to exit on its own, echoing what it still prints.
@@ -115,7 +177,7 @@ impl Console {
         let deadline = Instant::now() + timeout;
         loop {
             while let Ok(line) = self.lines.try_recv() {
-                println!("  | {line}");
+                self.remember(&line);
             }
             match self.child.try_wait() {
                 Ok(Some(status)) => return Ok(status),
