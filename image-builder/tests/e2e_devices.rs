@@ -22,6 +22,8 @@
 
 #[path = "e2e_support/console.rs"]
 mod console;
+#[path = "e2e_support/env.rs"]
+mod env;
 // Only the busybox helper of the shared guest pieces is used here.
 #[allow(dead_code)]
 #[path = "e2e_support/guest.rs"]
@@ -32,6 +34,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use console::{Console, Report, StageFailure};
+use env::env_path;
 use keel_image::initramfs::Builder;
 
 const HELLO: &str = "hello from the host side of keel-e2e";
@@ -131,16 +134,6 @@ struct Inputs {
     vmm: PathBuf,
     busybox: PathBuf,
     qemu: String,
-}
-
-fn env_path(name: &str) -> Result<PathBuf, String> {
-    let value = std::env::var_os(name).ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
-    let path = PathBuf::from(value);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("{name}={} does not exist", path.display()))
-    }
 }
 
 fn inputs() -> Result<Inputs, String> {

@@ -26,12 +26,15 @@
 
 #[path = "e2e_support/console.rs"]
 mod console;
+#[path = "e2e_support/env.rs"]
+mod env;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use console::{Console, Report, StageFailure};
+use env::{env_path, free_port};
 
 /// The guest configs/ci.yaml declares, and the one `keelctl apply` adds.
 const GUEST: &str = "ci-guest";
@@ -46,16 +49,6 @@ const FATAL: [&str; 5] = [
     "ping 10.123.0.1 failed",
     "disk: cannot mount",
 ];
-
-fn env_path(name: &str) -> Result<PathBuf, String> {
-    let value = std::env::var_os(name).ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
-    let path = PathBuf::from(value);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("{name}={} does not exist", path.display()))
-    }
-}
 
 fn keel_image() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keel-image"))
@@ -179,12 +172,6 @@ impl Keelctl {
 
 fn state_of<'a>(states: &'a [(String, String)], guest: &str) -> Option<&'a str> {
     states.iter().find(|(n, _)| n == guest).map(|(_, s)| s.as_str())
-}
-
-/// A free TCP port on loopback for QEMU's forward.
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 fn boot(image: &Path, host_port: u16) -> Result<Console, String> {

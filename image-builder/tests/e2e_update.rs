@@ -26,6 +26,8 @@
 
 #[path = "e2e_support/console.rs"]
 mod console;
+#[path = "e2e_support/env.rs"]
+mod env;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -34,6 +36,7 @@ use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use console::{Console, Report, StageFailure};
+use env::{env_path, free_port};
 use serde_json::Value;
 
 const NAME: &str = "e2e_update";
@@ -59,16 +62,6 @@ const HEALTH_WINDOW: Duration = Duration::from_secs(10);
 /// `panic=1`, reboots a second later. `loglevel=6`: the command line (a notice) shows on
 /// the console, the bulk of the boot log (info) does not.
 const PANIC_CMDLINE: &str = "console=ttyS0,115200 panic=1 loglevel=6 rdinit=/keel-missing";
-
-fn env_path(name: &str) -> Result<PathBuf, String> {
-    let value = std::env::var_os(name).ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
-    let path = PathBuf::from(value);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("{name}={} does not exist", path.display()))
-    }
-}
 
 /// The keel-image this suite runs: a copy taken at start (see `main`), so a build in a
 /// shared target directory cannot swap the binary during the ~15 minutes of the suite.
@@ -139,14 +132,6 @@ fn wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
-}
-
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
-fn free_port() -> Result<u16, StageFailure> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| fail(format!("no free port: {e}")))
 }
 
 /// splitmix64: a tiny seeded generator, so a failing run can be repeated.
@@ -510,7 +495,7 @@ impl Suite {
     /// Starts `keel-image run` on the appliance disk with a fresh forwarded port.
     fn boot(&mut self) -> Result<(), StageFailure> {
         self.console = None; // a previous QEMU, if any, is gone
-        self.port = free_port()?;
+        self.port = free_port().map_err(fail)?;
         self.boots += 1;
         let mut cmd = keel_image();
         cmd.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2", "--forward"])

@@ -22,6 +22,8 @@
 
 #[path = "e2e_support/console.rs"]
 mod console;
+#[path = "e2e_support/env.rs"]
+mod env;
 #[path = "e2e_support/guest.rs"]
 mod guest;
 
@@ -30,6 +32,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use console::{Console, Report, StageFailure};
+use env::env_path;
 use guest::GUEST_MARKER;
 use keel_image::initramfs::Builder;
 
@@ -49,16 +52,6 @@ struct Inputs {
     vmm: PathBuf,
     busybox: PathBuf,
     qemu: String,
-}
-
-fn env_path(name: &str) -> Result<PathBuf, String> {
-    let value = std::env::var_os(name).ok_or_else(|| format!("{name} is not set; run this through ci/e2e"))?;
-    let path = PathBuf::from(value);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("{name}={} does not exist", path.display()))
-    }
 }
 
 fn inputs() -> Result<Inputs, String> {
