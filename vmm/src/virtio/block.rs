@@ -20,7 +20,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::QueueT;
 use vm_memory::VolatileSlice;
 
-use super::queue_handler::{self, Chain};
+use super::queue_handler::{self, Chain, IovecBuf};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice, read_config_bytes};
 use crate::api::{DeviceCounters, DeviceKind};
 pub use crate::device_config::DiskConfig;
@@ -66,14 +66,6 @@ pub struct Block {
     /// Reads ("in") and writes ("out") for the control socket's `stats`.
     counters: Arc<DeviceCounters>,
 }
-
-/// A reusable iovec vector. Its raw pointers only live for one request, inside the
-/// device thread, so sending the (empty) vector between threads is fine.
-#[derive(Default)]
-struct IovecBuf(Vec<libc::iovec>);
-// SAFETY: the iovecs are filled and used within one request on one thread and cleared
-// before the next; no pointer outlives the guest-memory borrow it came from.
-unsafe impl Send for IovecBuf {}
 
 impl Block {
     pub fn open(config: &DiskConfig) -> Result<Block, BlockError> {

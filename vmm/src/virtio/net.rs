@@ -22,7 +22,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueT;
 
-use super::queue_handler::{self, Chain, Segment};
+use super::queue_handler::{self, Chain, IovecBuf, Segment};
 use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{COMMON_FEATURES, ExtraFd, NeedsReset, QueueContext, VirtioDevice, has_feature, read_config_bytes};
 use crate::api::{DeviceCounters, DeviceKind};
@@ -115,7 +115,7 @@ pub struct Net<B: NetBackend> {
     rx_chains: Vec<(u16, Vec<Segment>, u64)>,
     /// The available index when delivery last ran out of buffers.
     rx_avail_seen: u16,
-    iov: Vec<IoVec>,
+    iov: IovecBuf,
     pub stats: NetStats,
     /// Received ("in") and sent ("out") frames and bytes for the control socket's `stats`.
     counters: Arc<DeviceCounters>,
@@ -130,13 +130,6 @@ pub struct NetStats {
     pub rx_dropped: u64,
     pub tx_blocked: u64,
 }
-
-/// An iovec that can live in a `Send` struct: filled and consumed within one call.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct IoVec(libc::iovec);
-// SAFETY: only used within one call on the device thread; never dereferenced elsewhere.
-unsafe impl Send for IoVec {}
 
 impl<B: NetBackend> Net<B> {
     pub fn new(backend: B, mac: Mac) -> Self {
@@ -155,7 +148,7 @@ impl<B: NetBackend> Net<B> {
             tx_blocked: false,
             rx_chains: Vec::new(),
             rx_avail_seen: 0,
-            iov: Vec::new(),
+            iov: IovecBuf::default(),
             stats: NetStats::default(),
             counters: DeviceCounters::detached(DeviceKind::Net),
         }
@@ -233,40 +226,32 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn write_frame(&mut self, ctx: &QueueContext<'_>) -> std::io::Result<()> {
-        let mut parts = Vec::with_capacity(self.chain.readable.len());
-        queue_handler::slices(ctx.mem, &self.chain.readable, 0, self.chain.readable_len, &mut parts);
-        self.iov.clear();
-        self.iov.extend(parts.iter().map(|s| {
-            IoVec(libc::iovec {
-                iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                iov_len: s.len(),
-            })
-        }));
-        loop {
-            // SAFETY: IoVec is repr(transparent) over iovec; the buffers are checked
-            // guest memory.
+        queue_handler::chain_iovecs(
+            ctx.mem,
+            &self.chain.readable,
+            0,
+            self.chain.readable_len,
+            &mut self.iov.0,
+        );
+        let result = loop {
+            // SAFETY: the iovecs point into checked guest memory that outlives the call.
             let n = unsafe {
                 libc::writev(
                     self.backend.as_raw_fd(),
-                    self.iov.as_ptr().cast::<libc::iovec>(),
-                    self.iov.len() as libc::c_int,
+                    self.iov.0.as_ptr(),
+                    self.iov.0.len() as libc::c_int,
                 )
             };
-            self.iov.clear();
             if n >= 0 {
-                return Ok(());
+                break Ok(());
             }
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
+                break Err(e);
             }
-            self.iov.extend(parts.iter().map(|s| {
-                IoVec(libc::iovec {
-                    iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: s.len(),
-                })
-            }));
-        }
+        };
+        self.iov.0.clear();
+        result
     }
 
     /// Moves frames from the tap into receive buffers until the tap is empty or the

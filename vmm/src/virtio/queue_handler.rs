@@ -238,17 +238,16 @@ pub fn add_used(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> Re
         .map_err(|e| NeedsReset(format!("used ring: {e}")))
 }
 
-/// The host slices making up `segments`, from byte `skip` on, at most `limit` bytes.
-/// Segments were checked against guest memory when parsed, so a failure here means
-/// the memory map changed, which it never does while devices run.
-pub fn slices<'m>(
+/// Calls `f` with each host slice making up `segments`, from byte `skip` on, at most
+/// `limit` bytes. Segments were checked against guest memory when parsed, so a failure
+/// here means the memory map changed, which it never does while devices run.
+fn for_each_slice<'m>(
     mem: &'m GuestMemory,
     segments: &[Segment],
     mut skip: u64,
     mut limit: u64,
-    out: &mut Vec<VolatileSlice<'m>>,
+    mut f: impl FnMut(VolatileSlice<'m>),
 ) {
-    out.clear();
     for seg in segments {
         if limit == 0 {
             break;
@@ -263,9 +262,15 @@ pub fn slices<'m>(
         skip = 0;
         limit -= take;
         for slice in mem.get_slices(start, take as usize).flatten() {
-            out.push(slice);
+            f(slice);
         }
     }
+}
+
+/// The host slices making up `segments`, from byte `skip` on, at most `limit` bytes.
+pub fn slices<'m>(mem: &'m GuestMemory, segments: &[Segment], skip: u64, limit: u64, out: &mut Vec<VolatileSlice<'m>>) {
+    out.clear();
+    for_each_slice(mem, segments, skip, limit, |slice| out.push(slice));
 }
 
 /// The segment holding byte `offset` of the chain and the offset inside it.
@@ -322,44 +327,23 @@ pub fn write_to(mem: &GuestMemory, segments: &[Segment], offset: u64, buf: &[u8]
 
 /// Appends iovecs for bytes `skip..skip + limit` of the chain straight to `out` (no
 /// intermediate allocation: this is the per-request data path).
-pub fn chain_iovecs(
-    mem: &GuestMemory,
-    segments: &[Segment],
-    mut skip: u64,
-    mut limit: u64,
-    out: &mut Vec<libc::iovec>,
-) {
+pub fn chain_iovecs(mem: &GuestMemory, segments: &[Segment], skip: u64, limit: u64, out: &mut Vec<libc::iovec>) {
     out.clear();
-    for seg in segments {
-        if limit == 0 {
-            break;
-        }
-        let len = u64::from(seg.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let take = (len - skip).min(limit);
-        let start = seg.addr.unchecked_add(skip);
-        skip = 0;
-        limit -= take;
-        for slice in mem.get_slices(start, take as usize).flatten() {
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
+    for_each_slice(mem, segments, skip, limit, |slice| {
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        })
+    });
 }
 
-/// iovecs for the host slices (for readv/writev straight into guest memory).
-pub fn iovecs(parts: &[VolatileSlice<'_>], out: &mut Vec<libc::iovec>) {
-    out.clear();
-    out.extend(parts.iter().map(|s| libc::iovec {
-        iov_base: s.ptr_guard_mut().as_ptr().cast(),
-        iov_len: s.len(),
-    }));
-}
+/// A reusable iovec vector for [`chain_iovecs`]. Its raw pointers only live for one
+/// request, inside the device thread, so sending the (empty) vector between threads is fine.
+#[derive(Default)]
+pub struct IovecBuf(pub Vec<libc::iovec>);
+// SAFETY: the iovecs are filled and used within one request on one thread and cleared
+// before the next; no pointer outlives the guest-memory borrow it came from.
+unsafe impl Send for IovecBuf {}
 
 #[cfg(test)]
 pub mod tests {
