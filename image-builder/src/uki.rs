@@ -56,24 +56,9 @@ pub fn os_release(version: &str) -> String {
     )
 }
 
-/// Checks a version string for use in `.osrel` (os-release's `VERSION_ID` rules: lower
-/// case letters, digits, `.`, `_`, `-`) and in file names `keel-<version>[+N[-M]].efi`
-/// (a `+` would be taken for a boot counter).
-pub fn validate_version(version: &str) -> Result<(), String> {
-    let first_ok = version
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_digit() || c.is_ascii_lowercase());
-    let rest_ok = version
-        .chars()
-        .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || ".-_".contains(c));
-    if version.len() > 64 || !first_ok || !rest_ok {
-        return Err(format!(
-            "version {version:?}: use 1-64 characters from 0-9 a-z . _ - starting with a digit or letter, e.g. 1.2.0"
-        ));
-    }
-    Ok(())
-}
+/// Checks a version string for use in `.osrel` and in `keel-<version>[+N[-M]].efi`: the
+/// update agent's rule, so an image never carries a version the appliance would refuse.
+pub use keel_init::update::slots::validate_version;
 
 /// Appends `sections` (name, data) to `stub` and returns the new PE image.
 pub fn assemble(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiError> {
