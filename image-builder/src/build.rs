@@ -23,7 +23,7 @@ use crate::uki;
 pub const LOADER_CONF: &str = "timeout 0\neditor no\n";
 
 /// Where the ESP records each installed UKI's hash (see `Manifest`).
-pub const MANIFEST_DIR: &str = "keel/manifests";
+pub use keel_init::update::slots::RECORDS_DIR as MANIFEST_DIR;
 
 /// `--firmware-reset-on-exit` (test images only): the UEFI shell script at the ESP's
 /// root and its content. When systemd-boot cannot start an entry (a damaged UKI) it
@@ -63,30 +63,12 @@ pub struct ImageInputs {
     pub firmware_reset_on_exit: bool,
 }
 
-/// The record of one UKI kept on the ESP as `keel/manifests/keel-<version>.json`, in
-/// the fields an update bundle's manifest also carries, so the update agent writes the
-/// same file for the versions it installs. `inspect` verifies the UKI against it.
-/// It lives on the ESP because it belongs to the UKI: installed, replaced and pruned
-/// with it, and out of KEEL-CONFIG, which the operator edits.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    pub version: String,
-    /// The UKI's path on the ESP as installed (before any boot-counter rename).
-    pub uki: String,
-    pub sha256: String,
-    pub size: u64,
-    pub cmdline: String,
-    /// sha256 of keel.yaml as built, so `inspect` can tell whether it was edited since.
-    pub config_sha256: String,
-    pub source_date_epoch: i64,
-}
-
-impl Manifest {
-    pub fn path_for(version: &str) -> String {
-        format!("{MANIFEST_DIR}/keel-{version}.json")
-    }
-}
+/// The record of one UKI kept on the ESP as `keel/manifests/keel-<version>.json`: the
+/// update agent's record type, so the first version's record (written here) and those of
+/// installed updates are one format. `inspect` verifies each UKI against it. It lives on
+/// the ESP because it belongs to the UKI: installed, replaced and pruned with it, and out
+/// of KEEL-CONFIG, which the operator edits.
+pub use keel_init::update::install::EspRecord as Manifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -234,7 +216,7 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
     esp.add_file(&manifest.uki, uki_bytes).map_err(fat_err("KEEL-ESP"))?;
     esp.add_file("loader/loader.conf", LOADER_CONF.as_bytes().to_vec())
         .map_err(fat_err("KEEL-ESP"))?;
-    esp.add_file(&Manifest::path_for(&inputs.version), manifest_json)
+    esp.add_file(&keel_init::update::slots::record_path(&inputs.version), manifest_json)
         .map_err(fat_err("KEEL-ESP"))?;
     if inputs.firmware_reset_on_exit {
         esp.add_file(FIRMWARE_RESET_SCRIPT, FIRMWARE_RESET_NSH.as_bytes().to_vec())
