@@ -470,13 +470,5 @@ fn run() -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("e2e_image: error: {e}");
-            println!("e2e_image: 0 passed, 1 failed");
-            ExitCode::FAILURE
-        }
-    }
+    console::exit_code("e2e_image", run())
 }

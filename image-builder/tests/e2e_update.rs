@@ -1068,11 +1068,7 @@ fn esp_file(image: &Path, name: &str) -> Result<Option<Vec<u8>>, String> {
 fn main() -> ExitCode {
     let mut suite = match Suite::new() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("{NAME}: error: {e}");
-            println!("{NAME}: 0 passed, 1 failed");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return console::exit_code(NAME, Err(e)),
     };
     let cuts: usize = std::env::var("KEEL_E2E_POWER_CUTS")
         .ok()

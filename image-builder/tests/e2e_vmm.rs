@@ -246,13 +246,5 @@ fn console_expect(console: &mut Console, needle: &str, timeout_s: u64) -> Result
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("e2e_vmm: error: {e}");
-            println!("e2e_vmm: 0 passed, 1 failed");
-            ExitCode::FAILURE
-        }
-    }
+    console::exit_code("e2e_vmm", run())
 }

@@ -2,7 +2,7 @@
 //! log shows the boot), and each stage waits for its line with its own timeout.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -273,5 +273,19 @@ impl Report {
     pub fn finish(&self) -> bool {
         println!("{}: {} passed, {} failed", self.name, self.passed, self.failed);
         self.failed == 0 && self.passed > 0
+    }
+}
+
+/// A suite's exit code from its outcome: `Ok(all passed)`, or a setup error, which is
+/// reported and counted as the one failure (so CI's closing line still appears).
+pub fn exit_code(suite: &str, outcome: Result<bool, String>) -> ExitCode {
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{suite}: error: {e}");
+            println!("{suite}: 0 passed, 1 failed");
+            ExitCode::FAILURE
+        }
     }
 }
