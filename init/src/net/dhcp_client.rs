@@ -340,10 +340,16 @@ impl Client {
         if let Err(e) = self.send(&m, SocketAddrV4::new(lease.server, SERVER_PORT)).await {
             tracing::warn!("{e}");
         }
+        // The RELEASE is unicast: it may still wait for the server's ARP reply in the
+        // kernel, and removing the address now would drop it. Give it a moment to leave.
+        tokio::time::sleep(RELEASE_GRACE).await;
         tracing::info!(interface = %self.cfg.interface, address = %lease.address, "DHCP lease released");
         self.unbind(lease).await;
     }
 }
+
+/// How long a RELEASE gets to leave before the address is removed (see `release`).
+const RELEASE_GRACE: Duration = Duration::from_millis(200);
 
 fn broadcast() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::BROADCAST, SERVER_PORT)
