@@ -1070,10 +1070,15 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return console::exit_code(NAME, Err(e)),
     };
-    let cuts: usize = std::env::var("KEEL_E2E_POWER_CUTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
+    // A value that does not parse is an error, not the default: a soak run (ci/soak) that
+    // silently did 10 cuts would report far less than it claims.
+    let cuts: usize = match std::env::var("KEEL_E2E_POWER_CUTS") {
+        Err(_) => 10,
+        Ok(n) => match n.parse() {
+            Ok(n) => n,
+            Err(e) => return console::exit_code(NAME, Err(format!("KEEL_E2E_POWER_CUTS={n}: {e}"))),
+        },
+    };
     let mut steps = vec![
         Step::Images,
         Step::BootV1,
