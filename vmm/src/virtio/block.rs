@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::QueueT;
 use vm_memory::VolatileSlice;
 
 use super::queue_handler::{self, Chain, IovecBuf};
@@ -514,26 +513,15 @@ impl VirtioDevice for Block {
         if index != 0 {
             return Ok(());
         }
-        loop {
-            ctx.queues[0]
-                .disable_notification(ctx.mem)
-                .map_err(|e| NeedsReset(format!("avail ring: {e}")))?;
+        ctx.serve_queue(0, |ctx| {
             let mut used_any = false;
             while queue_handler::pop_chain(&mut ctx.queues[0], ctx.mem, MAX_REQUEST_BYTES, &mut self.chain)? {
                 let written = self.serve(ctx.mem);
                 queue_handler::add_used(&mut ctx.queues[0], ctx.mem, self.chain.head, written)?;
                 used_any = true;
             }
-            if used_any {
-                ctx.notify_used(0)?;
-            }
-            let more = ctx.queues[0]
-                .enable_notification(ctx.mem)
-                .map_err(|e| NeedsReset(format!("avail ring: {e}")))?;
-            if !more {
-                return Ok(());
-            }
-        }
+            Ok(used_any)
+        })
     }
 }
 

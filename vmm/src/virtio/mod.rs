@@ -98,6 +98,33 @@ pub struct QueueContext<'a> {
 }
 
 impl QueueContext<'_> {
+    /// Serves queue `index` until the driver has nothing more for it: `serve_available`
+    /// takes every available request and returns whether it used any. Driver
+    /// notifications stay off while it runs (one kick is enough for a whole batch); they
+    /// are re-enabled before the final check, so a request the driver adds in between is
+    /// seen here instead of waiting for a kick it will never send. The driver is
+    /// signalled once per pass, as event-index suppression allows.
+    pub fn serve_queue(
+        &mut self,
+        index: usize,
+        mut serve_available: impl FnMut(&mut Self) -> Result<bool, NeedsReset>,
+    ) -> Result<(), NeedsReset> {
+        loop {
+            self.queues[index]
+                .disable_notification(self.mem)
+                .map_err(|e| NeedsReset(format!("queue {index}: avail ring: {e}")))?;
+            if serve_available(self)? {
+                self.notify_used(index)?;
+            }
+            let more = self.queues[index]
+                .enable_notification(self.mem)
+                .map_err(|e| NeedsReset(format!("queue {index}: avail ring: {e}")))?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
     /// Signals the guest that queue `index` has used buffers, unless event-index
     /// suppression says the driver does not want to hear about them yet.
     pub fn notify_used(&mut self, index: usize) -> Result<(), NeedsReset> {

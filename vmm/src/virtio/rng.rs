@@ -2,7 +2,6 @@
 //! buffer the guest offers with bytes from getrandom(2).
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::QueueT;
 
 use super::queue_handler::{self, Chain};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice};
@@ -74,10 +73,7 @@ impl VirtioDevice for Rng {
         if index != 0 {
             return Ok(());
         }
-        loop {
-            ctx.queues[0]
-                .disable_notification(ctx.mem)
-                .map_err(|e| NeedsReset(format!("avail ring: {e}")))?;
+        ctx.serve_queue(0, |ctx| {
             let mut used_any = false;
             // Only writable buffers make sense here; limit the request to what is served.
             while queue_handler::pop_chain(&mut ctx.queues[0], ctx.mem, u64::from(u32::MAX), &mut self.chain)? {
@@ -94,15 +90,7 @@ impl VirtioDevice for Rng {
                 queue_handler::add_used(&mut ctx.queues[0], ctx.mem, self.chain.head, written as u32)?;
                 used_any = true;
             }
-            if used_any {
-                ctx.notify_used(0)?;
-            }
-            let more = ctx.queues[0]
-                .enable_notification(ctx.mem)
-                .map_err(|e| NeedsReset(format!("avail ring: {e}")))?;
-            if !more {
-                return Ok(());
-            }
-        }
+            Ok(used_any)
+        })
     }
 }
