@@ -169,7 +169,7 @@ impl GuestResources {
             let report = net::apply(&cfg, &opts).await;
             for item in report.errors() {
                 if let Err(e) = &item.result {
-                    problems.push(format!("network {} {}: {e}", item.component, item.name));
+                    problems.push(format!("network {} {}: {e}", item.kind, item.name));
                 }
             }
             self.readiness().update_network(&cfg, &report);
@@ -185,7 +185,7 @@ impl GuestResources {
                 };
                 for item in &items {
                     if let Err(e) = &item.result {
-                        problems.push(format!("network service {} {}: {e}", item.component, item.name));
+                        problems.push(format!("network service {} {}: {e}", item.kind, item.name));
                     }
                 }
             }

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod modules;
 pub mod mounts;
 pub mod net;
+pub mod outcome;
 pub mod partitions;
 pub mod pid1;
 pub mod power;

@@ -57,7 +57,7 @@ fn bridges_addresses_rules_as_declared_and_applying_twice_changes_nothing() {
 
     let report = host.run(|| async { net::apply(&cfg, &o).await });
     for i in report.items.iter().filter(|i| i.name != "br-v30") {
-        assert!(i.result.is_ok(), "{} {}: {:?}", i.component, i.name, i.result);
+        assert!(i.result.is_ok(), "{} {}: {:?}", i.kind, i.name, i.result);
     }
     let v30 = report
         .items
@@ -194,7 +194,7 @@ network:
         .expect("br-bad reported");
     let msg = bad.result.as_ref().unwrap_err().to_string();
     assert!(msg.contains("br-bad") && msg.contains("veth"), "{msg}");
-    let up = report.items.iter().find(|i| i.component == Component::Uplink).unwrap();
+    let up = report.items.iter().find(|i| i.kind == Component::Uplink).unwrap();
     let msg = up.result.as_ref().unwrap_err().to_string();
     assert!(msg.contains("nosuch0") && msg.contains("does not exist"), "{msg}");
     assert!(report.bridge_ok("br-good"));

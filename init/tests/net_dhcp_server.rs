@@ -125,7 +125,7 @@ fn serve<R>(host: &Netns, cfg: &keel_init::config::Config, o: &Options, body: im
                 assert!(report.bridge_ok("br-d"), "{:?}", report.items);
                 let (services, items) = net::Services::start(cfg, &report, o).await;
                 for i in &items {
-                    assert!(i.result.is_ok(), "{} {}: {:?}", i.component, i.name, i.result);
+                    assert!(i.result.is_ok(), "{} {}: {:?}", i.kind, i.name, i.result);
                 }
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;

@@ -35,7 +35,7 @@ fn homelab_config_applies_as_declared() {
 
     let report = host.run(|| async { net::apply(&cfg, &o).await });
     for i in &report.items {
-        assert!(i.result.is_ok(), "{} {}: {:?}", i.component, i.name, i.result);
+        assert!(i.result.is_ok(), "{} {}: {:?}", i.kind, i.name, i.result);
     }
     assert_eq!(report.uplink.as_ref().unwrap().host_interface, "br-lan");
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 pub use services::Services;
 
 use crate::config::{BridgeMode, Config, UplinkAddress};
+use crate::outcome;
 use link::{KEEL_ALIAS, Link, Rtnl};
 
 /// Everything a network error can be; each names the interface, bridge or file.
@@ -147,14 +148,7 @@ impl fmt::Display for Component {
 }
 
 /// The outcome of one part of [`apply`] or [`Services::start`].
-#[derive(Debug)]
-pub struct Item {
-    pub component: Component,
-    /// The interface, bridge or table the item is about.
-    pub name: String,
-    /// A one-line summary of what now holds, or why it failed.
-    pub result: Result<String, NetError>,
-}
+pub type Item = crate::outcome::Item<Component, NetError>;
 
 /// The uplink as [`apply`] found and configured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,30 +169,20 @@ pub struct Report {
 
 impl Report {
     fn push(&mut self, component: Component, name: &str, result: Result<String, NetError>) {
-        match &result {
-            Ok(msg) => tracing::info!(%component, name, "{msg}"),
-            Err(e) => tracing::error!(%component, name, "{e}"),
-        }
-        self.items.push(Item {
-            component,
-            name: name.to_owned(),
-            result,
-        });
+        self.items.push(Item::logged(component, name, result));
     }
 
     pub fn is_ok(&self) -> bool {
-        self.items.iter().all(|i| i.result.is_ok())
+        outcome::all_ok(&self.items)
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &Item> {
-        self.items.iter().filter(|i| i.result.is_err())
+        outcome::errors(&self.items)
     }
 
     /// Whether bridge `name` came up as declared (guests on it can start).
     pub fn bridge_ok(&self, name: &str) -> bool {
-        self.items
-            .iter()
-            .any(|i| i.component == Component::Bridge && i.name == name && i.result.is_ok())
+        outcome::succeeded(&self.items, Component::Bridge, name)
     }
 }
 

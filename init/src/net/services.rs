@@ -35,15 +35,7 @@ struct BridgeServices {
 }
 
 fn push_item(items: &mut Vec<Item>, component: Component, name: &str, result: Result<String, NetError>) {
-    match &result {
-        Ok(m) => tracing::info!(%component, name, "{m}"),
-        Err(e) => tracing::error!(%component, name, "{e}"),
-    }
-    items.push(Item {
-        component,
-        name: name.to_owned(),
-        result,
-    });
+    items.push(Item::logged(component, name, result));
 }
 
 /// Stops `tasks` (their stop signal already sent), waiting at most until `deadline`.

@@ -10,12 +10,14 @@ pub mod datafs;
 pub mod pool;
 pub mod volume;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use datafs::{DataFs, DataOptions, prepare_data};
 pub use volume::volume_path;
 
 use crate::config::{Config, PoolPath};
+use crate::outcome;
 
 /// Everything a storage error can be; each names the pool, volume or device.
 #[derive(Debug, thiserror::Error)]
@@ -85,13 +87,17 @@ pub enum Kind {
     Volume,
 }
 
-#[derive(Debug)]
-pub struct Item {
-    pub kind: Kind,
-    /// The pool name, or the volume as POOL/NAME.
-    pub name: String,
-    pub result: Result<String, StorageError>,
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Pool => "pool",
+            Kind::Volume => "volume",
+        })
+    }
 }
+
+/// The outcome of one pool or volume (named POOL/NAME) of [`reconcile`].
+pub type Item = crate::outcome::Item<Kind, StorageError>;
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -100,31 +106,20 @@ pub struct Report {
 
 impl Report {
     fn push(&mut self, kind: Kind, name: &str, result: Result<String, StorageError>) {
-        match &result {
-            Ok(m) => tracing::info!(?kind, name, "{m}"),
-            Err(e) => tracing::error!(?kind, name, "{e}"),
-        }
-        self.items.push(Item {
-            kind,
-            name: name.to_owned(),
-            result,
-        });
+        self.items.push(Item::logged(kind, name, result));
     }
 
     pub fn is_ok(&self) -> bool {
-        self.items.iter().all(|i| i.result.is_ok())
+        outcome::all_ok(&self.items)
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &Item> {
-        self.items.iter().filter(|i| i.result.is_err())
+        outcome::errors(&self.items)
     }
 
     /// Whether volume `v` is ready (guests using it can start).
     pub fn volume_ok(&self, v: &PoolPath) -> bool {
-        let name = v.to_string();
-        self.items
-            .iter()
-            .any(|i| i.kind == Kind::Volume && i.name == name && i.result.is_ok())
+        outcome::succeeded(&self.items, Kind::Volume, &v.to_string())
     }
 }
 
