@@ -63,6 +63,14 @@ pub struct VmConfig {
     /// A virtio-rng entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// Run under the seccomp filter (on unless turned off, e.g. to rule it out while
+    /// debugging).
+    #[serde(default = "default_seccomp")]
+    pub seccomp: bool,
+}
+
+fn default_seccomp() -> bool {
+    true
 }
 
 fn default_cmdline() -> String {
@@ -90,6 +98,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            seccomp: true,
         }
     }
 

@@ -29,6 +29,8 @@ pub enum Error {
     Serial { target: String, reason: String },
     #[error("{what}: {reason}")]
     Io { what: &'static str, reason: String },
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The guest did something the VMM cannot continue from (entry failure, emulation
     /// failure, unexpected exit); the message carries the vCPU registers.
     #[error("{0}")]

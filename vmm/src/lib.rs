@@ -11,6 +11,8 @@
 //! notifications arrive through ioeventfds and are served on one device thread
 //! ([`event_loop`]); interrupts go out through irqfds. On SIGTERM the VMM presses the
 //! ACPI power button when the guest listens to it, and types Ctrl-Alt-Del otherwise.
+//! While the VM runs, a seccomp filter ([`seccomp`]) limits the VMM to the system calls
+//! it needs after setup.
 //!
 //! ```no_run
 //! use keel_vmm::{Vm, VmConfig};
@@ -42,6 +44,7 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod memory;
+pub mod seccomp;
 pub mod virtio;
 pub mod vm;
 

@@ -93,6 +93,9 @@ struct Cli {
     /// A virtio-rng entropy device fed by getrandom(2).
     #[arg(long)]
     rng: bool,
+    /// Run without the seccomp filter (to rule it out while debugging; see the exit codes).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Seconds the guest gets to stop after SIGTERM's power button [default: 10].
     #[arg(long, value_name = "SECS")]
     shutdown_timeout: Option<f64>,
@@ -156,6 +159,9 @@ impl Cli {
         config.nets.extend(self.net);
         if self.rng {
             config.rng = true;
+        }
+        if self.no_seccomp {
+            config.seccomp = false;
         }
         if let Some(secs) = self.shutdown_timeout {
             anyhow::ensure!(

@@ -208,6 +208,10 @@ impl Vm {
     /// Only one of the two is sent: Ctrl-Alt-Del means *reboot* to systemd, and a
     /// guest that rebooted instead of powering off would look like a restart request.
     pub fn run(mut self) -> Result<ExitReason> {
+        // Before any thread starts, so every thread inherits it.
+        if self.config.seccomp {
+            crate::seccomp::install()?;
+        }
         vcpu::install_kick_handler()?;
         let signals = SignalGuard::block_stop_signals()?;
         let input_stop = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io {

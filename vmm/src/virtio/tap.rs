@@ -17,7 +17,7 @@ const IFNAMSIZ: usize = 16;
 
 // ioctl numbers from <linux/if_tun.h>: _IOW('T', 202, int) etc.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 
