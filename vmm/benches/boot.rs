@@ -6,6 +6,10 @@
 //! exec → exit after the guest's i8042 reset (median of 20); each beside Firecracker
 //! v1.16.1's figure on this kind of machine. It measures; it asserts nothing about time.
 //!
+//! Then the seccomp filter's cost against `--no-seccomp` in the same run: exec → boot
+//! timer, and a guest making 20 000 port-I/O exits (each exit returns through the filter
+//! on its next KVM_RUN), median of 10 each.
+//!
 //! `KEEL_VMM_BIN=PATH` measures that binary instead of this build's: `ci/bench` passes the
 //! static one an appliance ships (ci/appliance-bins), which has no dynamic loader to run.
 
@@ -17,12 +21,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use iced_x86::code_asm::*;
 
 const RUNS: usize = 20;
 const CONCURRENT: usize = 20;
 const RATE_ROUNDS: usize = 5;
 const RSS_RUNS: usize = 5;
 const MEMORY_MIB: u64 = 128;
+/// Port-I/O exits the seccomp comparison's guest makes before it resets.
+const EXITS: u32 = 20_000;
+const SECCOMP_RUNS: usize = 10;
 
 // Firecracker v1.16.1, same machine kind, same tiny guest (issue 3 / LAB-NOTES).
 const FC_EXEC_TO_READY_MS: f64 = 7.8;
@@ -148,6 +156,53 @@ fn main() {
             .map(|ms| format!("{ms:.3} ms"))
             .unwrap_or_else(|| "not reported".into())
     );
+    seccomp_cost(dir.path(), reset_path);
+}
+
+/// The filter's cost: the same guests with and without it, interleaved.
+fn seccomp_cost(dir: &std::path::Path, reset_path: &str) {
+    let busy = {
+        let mut a = asm64();
+        boot_timer(&mut a);
+        a.mov(ecx, EXITS).unwrap();
+        let mut top = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.out(0x80, al).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        i8042_reset(&mut a);
+        write_file(dir, "exits.elf", &elf_kernel(&assemble(a, LOAD_ADDR), LOAD_ADDR, 0))
+    };
+    let busy_path = busy.to_str().expect("utf-8 path");
+    let (mut ready_on, mut ready_off, mut exits_on, mut exits_off) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..SECCOMP_RUNS {
+        for (args, ready, exits) in [
+            (&[][..], &mut ready_on, &mut exits_on),
+            (&["--no-seccomp"][..], &mut ready_off, &mut exits_off),
+        ] {
+            let t0 = Instant::now();
+            let mut child = start_with(reset_path, &[], args);
+            wait_for_boot_timer(&mut child);
+            ready.push(t0.elapsed());
+            let _ = child.wait();
+            let t0 = Instant::now();
+            let status = start_with(busy_path, &[], args).wait().expect("wait");
+            exits.push(t0.elapsed());
+            assert_eq!(status.code(), Some(3), "exit guest resets");
+        }
+    }
+    let (on, off) = (median_ms(&mut ready_on), median_ms(&mut ready_off));
+    println!("seccomp filter (median of {SECCOMP_RUNS}; baseline --no-seccomp, same run):");
+    println!(
+        "  exec -> boot-timer write:   {on:.2} ms vs {off:.2} ms = {:.2}x",
+        on / off
+    );
+    let (on, off) = (median_ms(&mut exits_on), median_ms(&mut exits_off));
+    println!(
+        "  {EXITS} port-I/O exits + reset: {on:.1} ms vs {off:.1} ms = {:.3}x ({:+.0} ns per exit)",
+        on / off,
+        (on - off) * 1e6 / f64::from(EXITS)
+    );
 }
 
 /// The keel-vmm to measure: `KEEL_VMM_BIN`, else this build's.
@@ -156,7 +211,12 @@ fn vmm() -> String {
 }
 
 fn start(kernel: &str, extra_env: &[(&str, &str)]) -> Child {
+    start_with(kernel, extra_env, &[])
+}
+
+fn start_with(kernel: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Child {
     Command::new(vmm())
+        .args(extra_args)
         .args([
             "--kernel",
             kernel,
