@@ -163,3 +163,38 @@ fn guest_larger_than_3gib_boots_across_the_mmio_gap() {
     assert_eq!(run.stdout_text(), "big\n", "stderr: {}", run.stderr);
     assert_eq!(run.code(), Some(3), "stderr: {}", run.stderr);
 }
+
+#[test]
+fn rust_log_sets_the_level_and_a_bad_one_is_said_and_ignored() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&hello_guest(b""), LOAD_ADDR, 0));
+    let run_with = |level: &str| {
+        let child = std::process::Command::new(vmm_bin())
+            .args(["--kernel", kernel.to_str().unwrap(), "--boot-timer", "--serial", "none"])
+            .env("RUST_LOG", level)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn keel-vmm");
+        let run = wait_with_timeout(child, TIMEOUT);
+        assert_eq!(run.code(), Some(3), "RUST_LOG={level}: {}", run.stderr);
+        run.stderr
+    };
+    let debug = run_with("debug");
+    assert!(
+        debug.contains("DEBUG") && debug.contains("boot-timer: guest ready"),
+        "{debug}"
+    );
+    let warn = run_with("warn");
+    assert!(!warn.contains("boot-timer") && !warn.contains("INFO"), "{warn}");
+    let bogus = run_with("keel_vmm=debug");
+    assert!(bogus.contains("RUST_LOG=\"keel_vmm=debug\" is not a level"), "{bogus}");
+    assert!(
+        bogus.contains("boot-timer: guest ready") && !bogus.contains("DEBUG"),
+        "{bogus}"
+    );
+}
