@@ -172,15 +172,11 @@ fn rust_log_sets_the_level_and_a_bad_one_is_said_and_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_file(dir.path(), "vmlinux", &elf_kernel(&hello_guest(b""), LOAD_ADDR, 0));
     let run_with = |level: &str| {
-        let child = std::process::Command::new(vmm_bin())
-            .args(["--kernel", kernel.to_str().unwrap(), "--boot-timer", "--serial", "none"])
-            .env("RUST_LOG", level)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn keel-vmm");
-        let run = wait_with_timeout(child, TIMEOUT);
+        let run = run_vmm_env(
+            &["--kernel", kernel.to_str().unwrap(), "--boot-timer", "--serial", "none"],
+            &[("RUST_LOG", level)],
+            TIMEOUT,
+        );
         assert_eq!(run.code(), Some(3), "RUST_LOG={level}: {}", run.stderr);
         run.stderr
     };

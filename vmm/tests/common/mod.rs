@@ -216,8 +216,14 @@ impl Run {
 
 /// Runs keel-vmm with `args`, stdin from /dev/null, killing it after `timeout`.
 pub fn run_vmm(args: &[&str], timeout: Duration) -> Run {
+    run_vmm_env(args, &[], timeout)
+}
+
+/// `run_vmm` with environment variables set for the VMM (e.g. RUST_LOG).
+pub fn run_vmm_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Run {
     let child = Command::new(vmm_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
