@@ -16,7 +16,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -232,23 +231,6 @@ fn start_with(kernel: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> 
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn keel-vmm")
-}
-
-/// Reads stderr until the boot-timer line; keeps draining it afterwards in a thread.
-fn wait_for_boot_timer(child: &mut Child) -> String {
-    let stderr = child.stderr.take().expect("stderr piped");
-    let mut reader = BufReader::new(stderr);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => panic!("keel-vmm ended without a boot-timer line"),
-            Ok(_) if line.contains("boot-timer: guest ready") => break,
-            Ok(_) => {}
-        }
-    }
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    line.trim_end().to_string()
 }
 
 fn parse_us(line: &str) -> f64 {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 
@@ -24,19 +24,7 @@ fn running_vmm(dir: &std::path::Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn keel-vmm");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("boot-timer: guest ready") => break,
-            Some(Ok(_)) => {}
-            _ => {
-                let status = child.wait();
-                panic!("keel-vmm ended before the boot timer: {status:?}");
-            }
-        }
-    }
-    // Keep draining stderr so the VMM never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    wait_for_boot_timer(&mut child);
     child
 }
 

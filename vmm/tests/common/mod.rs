@@ -8,7 +8,7 @@
 
 pub mod virtio_guest;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -281,4 +281,21 @@ pub fn hello_guest(text: &[u8]) -> Vec<u8> {
     boot_timer(&mut a);
     i8042_reset(&mut a);
     assemble(a, LOAD_ADDR)
+}
+
+/// Reads stderr until the boot-timer line; keeps draining it afterwards in a thread.
+pub fn wait_for_boot_timer(child: &mut Child) -> String {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut reader = BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => panic!("keel-vmm ended without a boot-timer line"),
+            Ok(_) if line.contains("boot-timer: guest ready") => break,
+            Ok(_) => {}
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    line.trim_end().to_string()
 }
