@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod console;
+pub mod guest;
 pub mod guest_resources;
 pub mod host;
 pub mod layout;

@@ -19,15 +19,14 @@
 //! the state they asked for.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -38,6 +37,8 @@ use tracing::{error, info, warn};
 
 use crate::config::{Guest, RestartPolicy};
 use crate::console::ConsoleHub;
+use crate::guest::stuck;
+use crate::guest::vmm_log::{self, VmmLog};
 use crate::vmm_command::{self, Paths};
 
 /// keel-vmm's exit codes (see `keel-vmm --help`).
@@ -53,7 +54,8 @@ pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits for the guest before killing its VMM, unless
 /// the caller says otherwise.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// After SIGKILL, how long until a VMM that has not been reaped is reported.
+/// After SIGKILL, how long until a VMM that has not been reaped is given up on as
+/// stuck in the kernel.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How often a starting guest is checked for its control socket.
 const STARTING_POLL: Duration = Duration::from_millis(20);
@@ -246,9 +248,18 @@ struct Slot {
     console: Arc<ConsoleHub>,
     /// Set when the VMM has exited, so its console thread stops waiting for it.
     console_cancel: Arc<AtomicBool>,
-    /// The VMM's last message on stderr (its error line when it fails).
-    last_vmm_message: Arc<Mutex<Option<String>>>,
+    /// The VMM's last stderr lines (its error line when it fails; what it was
+    /// waiting for when it hangs).
+    vmm_log: VmmLog,
     last_exit: Option<String>,
+    /// Why keel-init killed the running VMM (it did not start in time): its exit is
+    /// then this failure, whatever the signal, and the restart policy applies.
+    failure: Option<String>,
+    /// What to add to "stopped by operator" when the stop had to kill the VMM.
+    stop_note: Option<String>,
+    /// A VMM that did not exit after SIGKILL (stuck in the kernel): the guest is not
+    /// started again while it lives, since it may still hold the guest's disks.
+    stuck_pid: Option<i32>,
     /// What the host prepared for this guest: its taps (held open here for the
     /// guest's lifetime, so they survive VMM restarts and vanish with the guest)
     /// and why it cannot start, if it cannot.
@@ -340,8 +351,11 @@ impl Supervisor {
                 restarts: 0,
                 console,
                 console_cancel: Arc::new(AtomicBool::new(false)),
-                last_vmm_message: Arc::new(Mutex::new(None)),
+                vmm_log: VmmLog::default(),
                 last_exit: None,
+                failure: None,
+                stop_note: None,
+                stuck_pid: None,
                 resources,
                 pending_resources: None,
             },
@@ -367,6 +381,11 @@ impl Supervisor {
 
     pub fn console(&self, name: &str) -> Option<Arc<ConsoleHub>> {
         self.guests.get(name).map(|s| s.console.clone())
+    }
+
+    /// The guest's own graceful-stop timeout (`stop_timeout` in keel.yaml).
+    pub fn stop_timeout(&self, name: &str) -> Option<Duration> {
+        self.guests.get(name).map(|s| s.spec.stop_timeout.get())
     }
 
     /// The VMM control socket of a guest whose VMM is up.
@@ -441,6 +460,15 @@ impl Supervisor {
     /// An operator's start: from defined, stopped, crashed or backoff (now).
     pub fn start(&mut self, name: &str) -> Result<(), OpError> {
         let slot = self.slot_mut(name)?;
+        if let Some(pid) = slot.stuck_pid {
+            return Err(OpError::Blocked {
+                name: name.into(),
+                reasons: vec![format!(
+                    "its previous keel-vmm (pid {pid}) did not exit after SIGKILL and may still hold its disks; \
+                     see the appliance log for its kernel stack"
+                )],
+            });
+        }
         if !slot.resources.blockers.is_empty() {
             return Err(OpError::Blocked {
                 name: name.into(),
@@ -590,6 +618,8 @@ impl Supervisor {
             slot.resources = r;
         }
         slot.after_stop = AfterStop::Stop;
+        slot.failure = None;
+        slot.stop_note = None;
         if !slot.resources.blockers.is_empty() {
             let reason = format!("not started: {}", slot.resources.blockers.join("; "));
             warn!(guest = name, "{reason}");
@@ -619,6 +649,17 @@ impl Supervisor {
     /// Handles a reaped child. Returns false if the pid was not a guest's.
     pub fn on_exit(&mut self, pid: i32, exit: Exit) -> bool {
         let now = Instant::now();
+        if let Some(slot) = self.guests.values_mut().find(|s| s.stuck_pid == Some(pid)) {
+            warn!(
+                guest = slot.spec.name.as_str(),
+                pid,
+                "the stuck keel-vmm has exited at last ({}); the guest can be started again",
+                exit.describe()
+            );
+            slot.stuck_pid = None;
+            self.bump();
+            return true;
+        }
         let Some(name) = self
             .guests
             .iter()
@@ -633,16 +674,23 @@ impl Supervisor {
         let _ = std::fs::remove_file(self.paths.console_socket(&name));
         let mut what = exit.describe();
         if matches!(exit, Exit::Code(c) if c != VMM_EXIT_POWEROFF && c != VMM_EXIT_REBOOT && c != VMM_EXIT_KILLED)
-            && let Some(msg) = slot.last_vmm_message.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            && let Some(msg) = slot.vmm_log.last_message()
         {
             what = format!("{what}: {msg}");
         }
+        let failure = slot.failure.take();
+        if let Some(f) = &failure {
+            what = f.clone();
+        }
         slot.last_exit = Some(what.clone());
 
-        if let State::Stopping { .. } = slot.state {
+        if let (State::Stopping { .. }, None) = (&slot.state, &failure) {
             info!(guest = name.as_str(), "{what}; stop complete");
             slot.state = State::Stopped {
-                reason: "stopped by operator".into(),
+                reason: match slot.stop_note.take() {
+                    Some(note) => format!("stopped by operator ({note})"),
+                    None => "stopped by operator".into(),
+                },
             };
             self.finish_stop(&name);
             self.bump();
@@ -731,9 +779,26 @@ impl Supervisor {
                     slot.restarts += 1;
                     self.spawn_guest(name);
                 }
+                // keel-vmm binds its control socket once its devices are attached and
+                // its vCPUs run: the socket appearing is its report that the guest runs.
                 State::Starting { pid, since } if vmm_socket.exists() => {
                     info!(guest = name.as_str(), pid, "guest running");
                     slot.state = State::Running { pid, since };
+                    changed = true;
+                }
+                State::Starting { pid, since } if now.duration_since(since) >= slot.spec.start_timeout.get() => {
+                    let failure = format!(
+                        "keel-vmm did not report the guest running within {}; killed",
+                        slot.spec.start_timeout.value
+                    );
+                    report_stuck(name, pid, &failure, &slot.vmm_log);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    slot.failure = Some(failure);
+                    slot.state = State::Stopping {
+                        pid,
+                        deadline: now + KILL_GRACE,
+                        killed: true,
+                    };
                     changed = true;
                 }
                 State::Stopping {
@@ -746,6 +811,7 @@ impl Supervisor {
                         "guest did not stop in time; killing its keel-vmm"
                     );
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    slot.stop_note = Some("it did not stop in time: its keel-vmm was killed".into());
                     slot.state = State::Stopping {
                         pid,
                         deadline: now + KILL_GRACE,
@@ -758,12 +824,20 @@ impl Supervisor {
                     deadline,
                     killed: true,
                 } if deadline <= now => {
-                    error!(guest = name.as_str(), pid, "keel-vmm survived SIGKILL; still waiting");
-                    slot.state = State::Stopping {
-                        pid,
-                        deadline: now + Duration::from_secs(3600),
-                        killed: true,
-                    };
+                    // Unkillable: in an uninterruptible sleep in the kernel. Waiting on
+                    // it would hold the guest (and a stop, an apply, a shutdown) forever;
+                    // the guest is given up on instead, and the pid is watched so its
+                    // late exit is recognised.
+                    let reason = format!(
+                        "keel-vmm (pid {pid}) did not exit within {} of SIGKILL: stuck in the kernel",
+                        crate::config::Duration(KILL_GRACE)
+                    );
+                    report_stuck(name, pid, &reason, &slot.vmm_log);
+                    slot.stuck_pid = Some(pid);
+                    slot.failure = None;
+                    slot.after_stop = AfterStop::Stop;
+                    slot.last_exit = Some(reason.clone());
+                    slot.state = State::Crashed { reason };
                     changed = true;
                 }
                 _ => {}
@@ -829,7 +903,7 @@ impl Supervisor {
                     slot.after_stop = AfterStop::Stop;
                     slot.state = State::Stopping {
                         pid,
-                        deadline: Instant::now() + DEFAULT_STOP_TIMEOUT,
+                        deadline: Instant::now() + slot.spec.stop_timeout.get(),
                         killed: false,
                     };
                 }
@@ -926,6 +1000,7 @@ fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i32> {
     let tap_fds: Vec<RawFd> = slot.resources.taps.iter().map(|t| t.fd.as_raw_fd()).collect();
     let mut cmd = Command::new(&paths.vmm);
     cmd.args(vmm_command::args(g, paths));
+    cmd.env(vmm_log::VMM_LOG_ENV.0, vmm_log::VMM_LOG_ENV.1);
     if !tap_fds.is_empty() {
         // SAFETY: the closure only calls fcntl/dup2 (async-signal-safe) on fds this
         // process owns; see `place_fds`.
@@ -943,12 +1018,12 @@ fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i32> {
             return Err(std::io::Error::new(e.kind(), format!("{}: {e}", paths.vmm.display())));
         }
     };
-    *slot.last_vmm_message.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    slot.vmm_log.clear();
     if let Some(out) = child.stdout.take() {
-        relay(out, format!("[guest {name}]"), None);
+        vmm_log::relay(out, format!("[guest {name}]"), None);
     }
     if let Some(err) = child.stderr.take() {
-        relay(err, format!("[vmm {name}]"), Some(slot.last_vmm_message.clone()));
+        vmm_log::relay(err, format!("[vmm {name}]"), Some(slot.vmm_log.clone()));
     }
     // The child is reaped by keel-init's waitpid loop, not through this handle.
     Ok(child.id() as i32)
@@ -979,30 +1054,15 @@ fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies a pipe to the appliance console line by line with a prefix, keeping the
-/// last line in `last` when given. Runs until the VMM closes its end.
-fn relay(pipe: impl Read + Send + 'static, prefix: String, last: Option<Arc<Mutex<Option<String>>>>) {
-    let thread_name = format!("relay {prefix}");
-    let spawned = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf);
-                    let text = text.trim_end_matches(['\n', '\r']);
-                    crate::logging::console_line(&format!("{prefix} {text}"));
-                    if let Some(last) = &last {
-                        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.to_string());
-                    }
-                }
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        error!("cannot start {thread_name}: {e}");
+/// Logs a VMM that does not move: why, its last stderr lines (at debug level they
+/// say what it was about to wait for) and each thread's kernel stack.
+fn report_stuck(name: &str, pid: i32, what: &str, log: &VmmLog) {
+    error!(guest = name, pid, "{what}");
+    for line in log.tail() {
+        error!(guest = name, pid, "keel-vmm said: {line}");
+    }
+    for line in stuck::describe(pid) {
+        error!(guest = name, pid, "keel-vmm thread: {line}");
     }
 }
 
@@ -1119,5 +1179,44 @@ mod tests {
         assert_eq!(sup.status("g").unwrap().state, "crashed");
         sup.remove_guest("g", SHORT);
         assert!(!sup.contains("g"));
+    }
+
+    #[test]
+    fn a_vmm_that_survives_sigkill_is_given_up_on_and_blocks_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::under(dir.path(), "/nonexistent/keel-vmm".into());
+        let mut sup = Supervisor::new(paths, &[guest("always")], false);
+        // Stands in for a VMM in uninterruptible sleep: a live process that is not
+        // reaped, past its post-SIGKILL grace.
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let slot = sup.guests.get_mut("g").unwrap();
+        slot.state = State::Stopping {
+            pid,
+            deadline: Instant::now() - Duration::from_millis(1),
+            killed: true,
+        };
+        sup.tick();
+        match sup.state("g") {
+            Some(State::Crashed { reason }) => assert!(reason.contains("stuck in the kernel"), "{reason}"),
+            other => panic!("expected crashed, got {other:?}"),
+        }
+        // Not restarted by the `always` policy, and an operator's start is refused.
+        sup.tick();
+        assert!(matches!(sup.state("g"), Some(State::Crashed { .. })));
+        match sup.start("g") {
+            Err(OpError::Blocked { reasons, .. }) => assert!(reasons[0].contains("did not exit after SIGKILL")),
+            other => panic!("expected blocked, got {other:?}"),
+        }
+        // Its late exit is recognised and unblocks the guest.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(sup.on_exit(pid, Exit::Signal(9)));
+        assert!(matches!(sup.state("g"), Some(State::Crashed { .. })));
+        sup.start("g").unwrap();
+        match sup.state("g") {
+            Some(State::Crashed { reason }) => assert!(reason.contains("cannot start keel-vmm"), "{reason}"),
+            other => panic!("expected crashed, got {other:?}"),
+        }
     }
 }

@@ -258,3 +258,108 @@ guests:
     assert!(out.status.code() == Some(0) || out.status.code() == Some(1), "{out:?}");
     app.wait_status("faulty", Duration::from_secs(15), |s| s["restarts"].as_u64() >= Some(3));
 }
+
+/// A wrapper around keel-vmm that, the first time it runs, stops itself before
+/// exec'ing keel-vmm: a VMM hung at start-up, as in issue 11. Later runs exec
+/// keel-vmm at once.
+fn hang_once_wrapper(root: &std::path::Path) -> std::path::PathBuf {
+    let marker = root.join("hang-next-start");
+    std::fs::write(&marker, b"").unwrap();
+    let script = root.join("hanging-vmm");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e '{m}' ]; then rm '{m}'; echo 'about to hang' >&2; kill -STOP $$; fi\nexec '{vmm}' \"$@\"\n",
+            m = marker.display(),
+            vmm = vmm_bin().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn a_vmm_that_hangs_before_running_is_killed_logged_and_restarted() {
+    if !require_kvm_and_root() {
+        return;
+    }
+    let config = "\
+version: 1
+storage: {pools: [{name: images}]}
+guests:
+  - name: counter
+    memory: 32MiB
+    kernel: images/counter.elf
+    start_timeout: 1s
+    restart: {policy: on-failure, backoff: 2s, max_backoff: 2s, max_restarts: 5, window: 1m}
+";
+    let t = Instant::now();
+    let app = Appliance::start_with_vmm(
+        config,
+        &[("counter.elf", elf_kernel(&counter_guest()))],
+        &[],
+        hang_once_wrapper,
+    );
+    // Killed at the start deadline, then in backoff with the reason shown.
+    let s = app.wait_status("counter", Duration::from_secs(10), |s| state(s) == "backoff");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("did not report the guest running within 1s"),
+        "{s:#}\n{}",
+        app.log()
+    );
+    assert!(t.elapsed() >= Duration::from_secs(1), "killed before its deadline");
+    let text = app.ok(&["status", "counter"]);
+    assert!(text.contains("did not report the guest running within 1s"), "{text}");
+    // The log names the guest, has the VMM's last stderr line and its thread's
+    // kernel stack (a stopped process: it sits in the signal-stop code).
+    let log = app.log();
+    assert!(log.contains("keel-vmm did not report the guest running"), "{log}");
+    assert!(log.contains("counter"), "{log}");
+    assert!(
+        log.contains("keel-vmm said: ") && log.contains("about to hang"),
+        "{log}"
+    );
+    assert!(log.contains("keel-vmm thread: "), "{log}");
+    // The restart policy applies: the second VMM runs.
+    let s = app.wait_status("counter", Duration::from_secs(15), |s| state(s) == "running");
+    assert_eq!(s["restarts"].as_u64(), Some(1), "{s:#}");
+}
+
+#[test]
+fn a_vmm_frozen_while_running_is_stopped_at_the_guests_stop_timeout() {
+    if !require_kvm_and_root() {
+        return;
+    }
+    let config = "\
+version: 1
+storage: {pools: [{name: images}]}
+guests:
+  - name: counter
+    memory: 32MiB
+    kernel: images/counter.elf
+    stop_timeout: 1s
+    restart: {policy: never}
+";
+    let app = Appliance::start(config, &[("counter.elf", elf_kernel(&counter_guest()))]);
+    let s = app.wait_status("counter", Duration::from_secs(10), |s| state(s) == "running");
+    let pid = s["pid"].as_i64().expect("a running guest has a pid") as i32;
+    // Frozen: its control socket accepts connections but nothing answers.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = Instant::now();
+    // No --timeout: the guest's own stop_timeout (1s) applies.
+    assert!(app.ok(&["stop", "counter"]).contains("stopped"));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "stop took {took:?}"
+    );
+    let s = app.status("counter");
+    assert_eq!(state(&s), "stopped", "{s:#}");
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("did not stop in time"), "{s:#}");
+    // Started again, it runs.
+    assert!(app.ok(&["start", "counter"]).contains("running"));
+}

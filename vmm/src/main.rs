@@ -223,6 +223,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_max_level(level.unwrap_or(tracing_subscriber::filter::LevelFilter::INFO))
         .with_writer(std::io::stderr)
+        // Colour only for a person: a supervisor reading the pipe parses the level word.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     if level.is_none() {

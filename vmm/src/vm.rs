@@ -67,6 +67,7 @@ impl Vm {
     pub fn build(config: &VmConfig, start: Instant) -> Result<Vm> {
         config.validate()?;
         // Input first: a bad kernel or initrd is reported the same with or without KVM.
+        tracing::debug!("allocating {} of guest memory", config.memory);
         let guest_memory = memory::allocate(config.memory)?;
         let t = Instant::now();
         let kernel = boot::load_kernel(&guest_memory, &config.kernel)?;
@@ -99,6 +100,10 @@ impl Vm {
             kernel.entry.0
         );
 
+        // The KVM ioctls below sleep in the kernel (VM creation starts kernel threads;
+        // memory registration waits for SRCU readers): each is said before it is made,
+        // so a VMM stuck at start shows in its debug log where.
+        tracing::debug!("opening /dev/kvm");
         let kvm = Kvm::new().map_err(|e| Error::KvmOpen(errno_message(&e)))?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -115,11 +120,13 @@ impl Vm {
                 });
             }
         }
+        tracing::debug!("KVM_CREATE_VM");
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Memory first: measured on this PVM host, KVM_SET_USER_MEMORY_REGION for 128 MiB
         // takes ~0.2 ms on a bare VM but 4-7 ms once the irqchip and PIT exist (each
         // memslot change then waits for their readers), which was most of our start time.
         let t = Instant::now();
+        tracing::debug!("KVM_SET_USER_MEMORY_REGION");
         register_memory(&vm_fd, &guest_memory)?;
         tracing::debug!("guest memory registered with KVM in {:?}", t.elapsed());
         vm_fd
@@ -128,6 +135,7 @@ impl Vm {
         vm_fd
             .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        tracing::debug!("KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2");
         vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm_fd
             .create_pit2(kvm_pit_config {
@@ -149,6 +157,7 @@ impl Vm {
         attach::attach(&vm_fd, &guest_memory, virtio_devices, &mut mmio, &mut event_loop)?;
 
         let t = Instant::now();
+        tracing::debug!("configuring {} vCPUs", config.cpus);
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| crate::cpu::CpuError::SupportedCpuid(errno_message(&e)))?;
@@ -220,6 +229,7 @@ impl Vm {
         })?;
         let (input_thread, raw_terminal) = self.start_serial_input(&input_stop)?;
         // Devices run before any vCPU can notify them.
+        tracing::debug!("starting the device thread and the vCPUs");
         let device_thread = match self.event_loop.take() {
             Some(l) => Some(l.spawn(self.control.clone()).map_err(|e| Error::Io {
                 what: "starting the device thread",
@@ -280,6 +290,7 @@ impl Vm {
             None => None,
         };
 
+        tracing::debug!("{} vCPUs started; serving until the guest ends", threads.len());
         let stop_requested = self.wait_for_exit(&signals) || self.api.stop_requested();
         drop(api_server);
         self.api.clear_vcpu_threads();

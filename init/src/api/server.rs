@@ -349,7 +349,10 @@ async fn guest_action(
     action: &str,
     q: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
-    let timeout = seconds(q, "timeout")?.unwrap_or(DEFAULT_STOP_TIMEOUT);
+    let timeout = match seconds(q, "timeout")? {
+        Some(t) => t,
+        None => ctx.sup().stop_timeout(name).unwrap_or(DEFAULT_STOP_TIMEOUT),
+    };
     match action {
         "start" => {
             ctx.sup().start(name)?;
@@ -385,7 +388,14 @@ async fn guest_action(
 async fn graceful(ctx: &ApiContext, name: &str, timeout: Duration, then: AfterStop) -> Result<(), ApiError> {
     let handle = ctx.sup().begin_stop(name, timeout, then)?;
     if let Some(h) = handle {
-        h.press_power_button().await;
+        // Bounded by the stop timeout: a VMM that does not answer its control socket
+        // (frozen, stuck) is killed at the deadline, and the answer must not wait longer.
+        if tokio::time::timeout(timeout, h.press_power_button()).await.is_err() {
+            warn!(
+                guest = name,
+                "the power button press did not finish within the stop timeout"
+            );
+        }
     }
     wait_for(ctx, name, timeout + STOP_SLACK, at_rest).await;
     if then == AfterStop::Restart {

@@ -116,15 +116,17 @@ enum Command {
         /// Kill its VMM now instead (same as `destroy`).
         #[arg(long)]
         force: bool,
-        /// Seconds the guest gets before its VMM is killed.
-        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-        timeout: f64,
+        /// Seconds the guest gets before its VMM is killed [default: the guest's
+        /// `stop_timeout` in keel.yaml, 30 s unless set].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
     },
     /// Gracefully stop a guest, then start it again.
     Reboot {
         name: String,
-        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-        timeout: f64,
+        /// Seconds the guest gets before its VMM is killed [default: its `stop_timeout`].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
     },
     /// Hard reset: kill the VMM and start the guest again.
     Reset { name: String },
@@ -278,13 +280,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let query = if force {
                 "?force=1".to_string()
             } else {
-                format!("?timeout={timeout}")
+                timeout_query(timeout)
             };
             lifecycle(&client, &name, "stop", &query, json).await
         }
-        Command::Reboot { name, timeout } => {
-            lifecycle(&client, &name, "reboot", &format!("?timeout={timeout}"), json).await
-        }
+        Command::Reboot { name, timeout } => lifecycle(&client, &name, "reboot", &timeout_query(timeout), json).await,
         Command::Reset { name } => lifecycle(&client, &name, "reset", "", json).await,
         Command::Pause { name } => lifecycle(&client, &name, "pause", "", json).await,
         Command::Resume { name } => lifecycle(&client, &name, "resume", "", json).await,
@@ -748,4 +748,9 @@ fn print_host(h: &HostInfo) {
         }
         table(&rows);
     }
+}
+
+/// `?timeout=SECS` when given; without it keel-init uses the guest's `stop_timeout`.
+fn timeout_query(timeout: Option<f64>) -> String {
+    timeout.map(|t| format!("?timeout={t}")).unwrap_or_default()
 }

@@ -598,6 +598,23 @@ pub struct Guest {
     pub autostart: bool,
     #[serde(default)]
     pub restart: Restart,
+    /// How long keel-vmm may take to report the guest running (devices attached,
+    /// vCPUs started) before it is killed and the restart policy applies.
+    #[serde(default = "default_guest_timeout")]
+    pub start_timeout: Spanned<Duration>,
+    /// How long a graceful stop (power button) waits before the VMM is killed, unless
+    /// `keelctl stop --timeout` says otherwise.
+    #[serde(default = "default_guest_timeout")]
+    pub stop_timeout: Spanned<Duration>,
+}
+
+/// The default start and stop timeout (30 s).
+pub const DEFAULT_GUEST_TIMEOUT: Duration = Duration::secs(30);
+/// The longest start or stop timeout accepted.
+pub const MAX_GUEST_TIMEOUT: Duration = Duration::secs(3600);
+
+fn default_guest_timeout() -> Spanned<Duration> {
+    Spanned::new(DEFAULT_GUEST_TIMEOUT, Default::default())
 }
 
 fn default_vcpus() -> Spanned<u32> {
@@ -623,6 +640,12 @@ impl Decode for Guest {
         let nics = m.or_default("nics");
         let autostart = m.optional("autostart").map(|v| v.unwrap_or(true));
         let restart = m.or_default("restart");
+        let start_timeout = m
+            .optional("start_timeout")
+            .map(|v| v.unwrap_or_else(default_guest_timeout));
+        let stop_timeout = m
+            .optional("stop_timeout")
+            .map(|v| v.unwrap_or_else(default_guest_timeout));
         m.finish();
         build!(Guest {
             name,
@@ -634,7 +657,9 @@ impl Decode for Guest {
             disks,
             nics,
             autostart,
-            restart
+            restart,
+            start_timeout,
+            stop_timeout
         })
     }
 }

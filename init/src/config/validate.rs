@@ -521,6 +521,18 @@ fn check_guests(cfg: &Config, d: &mut Diagnostics) {
         if r.window.get().is_zero() {
             d.error(r.window.pos, "restart window must be larger than zero, e.g. 10m");
         }
+        for (what, t) in [("start_timeout", &g.start_timeout), ("stop_timeout", &g.stop_timeout)] {
+            if t.get().is_zero() || t.get() > super::schema::MAX_GUEST_TIMEOUT.get() {
+                d.error(
+                    t.pos,
+                    format!(
+                        "{what} {} is out of range: give a duration from 1s to {}, e.g. 30s",
+                        t.value,
+                        super::schema::MAX_GUEST_TIMEOUT
+                    ),
+                );
+            }
+        }
     }
 
     for p in &cfg.storage.pools {

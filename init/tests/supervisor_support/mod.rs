@@ -170,7 +170,19 @@ impl Appliance {
     /// Like [`Appliance::start`], with extra files (path under the root, content)
     /// written first, e.g. an API token on KEEL-CONFIG.
     pub fn start_with(config: &str, kernels: &[(&str, Vec<u8>)], files: &[(&str, &[u8])]) -> Appliance {
+        Self::start_with_vmm(config, kernels, files, |_| vmm_bin())
+    }
+
+    /// Like [`Appliance::start_with`], with the VMM program keel-init runs made by
+    /// `vmm` from the temporary root (e.g. a wrapper script around [`vmm_bin`]).
+    pub fn start_with_vmm(
+        config: &str,
+        kernels: &[(&str, Vec<u8>)],
+        files: &[(&str, &[u8])],
+        vmm: impl FnOnce(&Path) -> PathBuf,
+    ) -> Appliance {
         let root = tempfile::tempdir().expect("temp root");
+        let vmm = vmm(root.path());
         for (rel, bytes) in files {
             let p = root.path().join(rel);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -190,7 +202,7 @@ impl Appliance {
             .arg("--config")
             .arg(&cfg)
             .arg("--vmm")
-            .arg(vmm_bin())
+            .arg(&vmm)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -1,8 +1,9 @@
 //! Loads the kernel (bzImage or ELF vmlinux, via linux-loader), the initrd and the
 //! command line into guest memory.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
@@ -64,13 +65,31 @@ impl LoadedKernel {
     }
 }
 
+/// Opens a boot file for reading without ever blocking: O_NONBLOCK, so a FIFO in its
+/// place cannot hold the VMM at start (opening a FIFO for reading waits for a writer),
+/// then refuses anything that is not a regular file. Regular files ignore O_NONBLOCK,
+/// so reads behave as usual.
+pub fn open_regular(path: &Path) -> Result<File, String> {
+    tracing::debug!("opening {}", path.display());
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| os_message(&e))?;
+    let meta = file.metadata().map_err(|e| os_message(&e))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    Ok(file)
+}
+
 /// Loads `path` into `mem`, recognising the format by its magic bytes.
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
     let err = |reason: String| BootError::Kernel {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| err(os_message(&e)))?;
+    let mut file = open_regular(path).map_err(err)?;
     let mut head = [0u8; SETUP_MAGIC_OFFSET + 4];
     let head_len = read_up_to(&mut file, &mut head).map_err(|e| err(os_message(&e)))?;
     let head = &head[..head_len];
@@ -199,7 +218,7 @@ pub fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &LoadedKernel) -> Res
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| err(os_message(&e)))?;
+    let mut file = open_regular(path).map_err(err)?;
     let size = file.metadata().map_err(|e| err(os_message(&e)))?.len();
     let mem_size = crate::memory::total_size(mem);
     let addr = initrd_placement(size, kernel.end, kernel.initrd_addr_max(), mem_size).ok_or_else(|| {

@@ -116,7 +116,12 @@ pub fn open_sink(target: &SerialOutput) -> Result<SerialSink, Error> {
         SerialOutput::File(path) => {
             SerialSink::File(OpenOptions::new().create(true).append(true).open(path).map_err(fail)?)
         }
-        SerialOutput::Unix(path) => SerialSink::Unix(UnixStream::connect(path).map_err(fail)?),
+        SerialOutput::Unix(path) => {
+            // Blocks only while the listener's backlog is full (the supervisor accepts
+            // at once); said first so a hang here names what it waits for.
+            tracing::debug!("connecting the serial console to {}", path.display());
+            SerialSink::Unix(UnixStream::connect(path).map_err(fail)?)
+        }
     })
 }
 

@@ -74,9 +74,15 @@ impl Block {
         };
         let mut options = OpenOptions::new();
         options.read(true).write(!config.readonly);
+        // O_NONBLOCK: a FIFO or a character device in the disk's place cannot hold the
+        // VMM at start (opening a FIFO read-only waits for a writer); the type check
+        // below refuses it, and the flag is cleared again for the file it accepts.
+        let mut flags = libc::O_NONBLOCK;
         if config.direct {
-            options.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        options.custom_flags(flags);
+        tracing::debug!("opening disk {}", config.path.display());
         let file = options.open(&config.path).map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::EINVAL) if config.direct => " (this file system does not support O_DIRECT: drop direct=on)",
@@ -92,6 +98,7 @@ impl Block {
         if !kind.is_file() && !kind.is_block_device() {
             return Err(err("not a regular file or block device (raw images only)".into()));
         }
+        clear_nonblocking(&file).map_err(|e| err(os_message(&e)))?;
         // The end offset is the size for files and block devices alike (a block
         // device's metadata says 0).
         let size = (&file).seek(SeekFrom::End(0)).map_err(|e| err(os_message(&e)))?;
@@ -534,6 +541,17 @@ pub fn describe(config: &DiskConfig) -> String {
         if config.readonly { " (read-only)" } else { "" },
         if config.direct { " (O_DIRECT)" } else { "" }
     )
+}
+
+/// Clears O_NONBLOCK (set only so that opening could not block).
+fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd this function borrows; no memory is passed.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
