@@ -63,7 +63,7 @@ enum Command {
     },
     /// Boot an image in QEMU with UEFI firmware (OVMF); the serial console is this terminal.
     #[command(
-        after_help = "Examples:\n  keel-image run disk.img\n  keel-image run disk.img --memory 2GiB --cpus 1 --snapshot\n  keel-image run disk.img --forward 8443:443 -- -d guest_errors\n\nExit: Ctrl-A X. keel-image exits with QEMU's exit status.\nUses -accel tcg -cpu max unless /dev/kvm is real KVM (not PVM: /sys/module/kvm_pvm)."
+        after_help = "Examples:\n  keel-image run disk.img\n  keel-image run disk.img --memory 2GiB --cpus 1 --snapshot\n  keel-image run disk.img --forward 8443:443 -- -d guest_errors\n  keel-image run disk.img --forward 8443:443 --open-network\n\nExit: Ctrl-A X. keel-image exits with QEMU's exit status.\nUses -accel tcg -cpu max unless /dev/kvm is real KVM (not PVM: /sys/module/kvm_pvm)."
     )]
     Run {
         image: PathBuf,
@@ -81,6 +81,10 @@ enum Command {
         /// Forward a TCP port from 127.0.0.1:HOST to the appliance (HOST:GUEST); repeatable.
         #[arg(long = "forward", value_name = "HOST:GUEST")]
         forwards: Vec<String>,
+        /// Let the forwarded NIC reach the network beyond the forwards (by default it is
+        /// `restrict=on`: the appliance sees only its forwarded ports).
+        #[arg(long, requires = "forwards")]
+        open_network: bool,
         /// Print the QEMU command line and exit.
         #[arg(long)]
         print: bool,
@@ -270,9 +274,19 @@ fn main() -> ExitCode {
             accel,
             snapshot,
             forwards,
+            open_network,
             print,
             extra,
-        } => cmd_run(image, &memory, cpus, accel, snapshot, forwards, print, extra),
+        } => cmd_run(
+            image,
+            &memory,
+            cpus,
+            accel,
+            snapshot,
+            (forwards, open_network),
+            print,
+            extra,
+        ),
         Command::Flash {
             image,
             device,
@@ -521,7 +535,7 @@ fn cmd_run(
     cpus: u32,
     accel: Option<String>,
     snapshot: bool,
-    forwards: Vec<String>,
+    (forwards, open_network): (Vec<String>, bool),
     print: bool,
     extra: Vec<String>,
 ) -> Result<ExitCode> {
@@ -538,6 +552,7 @@ fn cmd_run(
     };
     opts.snapshot = snapshot;
     opts.forwards = forwards.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
+    opts.open_network = open_network;
     opts.extra_args = extra.into_iter().map(Into::into).collect();
     if print {
         println!("{}", qemu::invocation(&opts)?.display());

@@ -73,6 +73,9 @@ pub struct QemuOptions {
     pub snapshot: bool,
     /// Ports forwarded from 127.0.0.1 on the host; adds one virtio NIC (user-mode network).
     pub forwards: Vec<PortForward>,
+    /// Let that NIC reach past the forwards (QEMU's `restrict=off`). Off by default: the
+    /// appliance then reaches only what is forwarded (tests never leave the machine).
+    pub open_network: bool,
     /// More arguments, appended last.
     pub extra_args: Vec<OsString>,
     pub ovmf_code: PathBuf,
@@ -88,6 +91,7 @@ impl QemuOptions {
             accel: Accel::detect(),
             snapshot: false,
             forwards: Vec::new(),
+            open_network: false,
             extra_args: Vec::new(),
             ovmf_code: OVMF_CODE.into(),
             ovmf_vars_template: OVMF_VARS.into(),
@@ -190,6 +194,9 @@ pub fn invocation(opts: &QemuOptions) -> Result<QemuInvocation, QemuError> {
     }
     if !opts.forwards.is_empty() {
         let mut nic = String::from("user,model=virtio-net-pci");
+        if !opts.open_network {
+            nic.push_str(",restrict=on");
+        }
         for f in &opts.forwards {
             nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
         }

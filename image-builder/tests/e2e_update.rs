@@ -28,6 +28,8 @@
 mod console;
 #[path = "e2e_support/env.rs"]
 mod env;
+#[path = "e2e_support/run.rs"]
+mod run;
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -37,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use console::{Console, Report, StageFailure};
 use env::{env_path, free_port};
+use run::{run_timeout, wait_output};
 use serde_json::Value;
 
 const NAME: &str = "e2e_update";
@@ -88,50 +91,6 @@ fn output_text(out: &Output) -> String {
     )
     .trim()
     .to_owned()
-}
-
-/// Runs `cmd` to completion; kills it after `timeout`.
-fn run_timeout(mut cmd: Command, timeout: Duration) -> Result<Output, String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    wait_output(child, timeout).map_err(|e| format!("{cmd:?}: {e}"))
-}
-
-/// Waits for a child started with piped stdout/stderr and collects its output.
-fn wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("still running after {} s; killed", timeout.as_secs()));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
 }
 
 /// splitmix64: a tiny seeded generator, so a failing run can be repeated.

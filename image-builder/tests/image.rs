@@ -703,7 +703,8 @@ fn run_prints_the_documented_qemu_invocation() {
         "disk,,odd.img",
         // Only the disk boots: no network boot when the boot loader exits to OVMF.
         "-device virtio-blk-pci,drive=keel-disk,bootindex=0 -boot strict=on",
-        "hostfwd=tcp:127.0.0.1:8443-:443",
+        // A test's NIC never leaves the machine: only the forwards get through.
+        "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:8443-:443",
         "-d guest_errors",
     ] {
         assert!(t.contains(needle), "{needle:?} missing from: {t}");

@@ -68,8 +68,13 @@ pub enum ClientError {
     Decode(String),
 }
 
+/// How long reaching the API may take (TCP connect plus the HTTP handshake): an
+/// endpoint that does not answer is reported rather than waited on forever.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
+        std::io::ErrorKind::TimedOut => " (no answer within 10 s: check the address, the port and any firewall)",
         std::io::ErrorKind::PermissionDenied => " (the API socket is root-only: run keelctl as root)",
         std::io::ErrorKind::NotFound => " (is keel-init running? use --socket PATH or --host URL)",
         std::io::ErrorKind::ConnectionRefused => " (nothing listens there)",
@@ -98,15 +103,21 @@ impl Client {
             endpoint: self.endpoint.to_string(),
             source,
         };
-        match &self.endpoint {
-            Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path).await.map_err(err)?;
-                handshake(TokioIo::new(s)).await
+        let connect = async {
+            match &self.endpoint {
+                Endpoint::Unix(path) => {
+                    let s = UnixStream::connect(path).await.map_err(err)?;
+                    handshake(TokioIo::new(s)).await
+                }
+                Endpoint::Tcp { authority, .. } => {
+                    let s = TcpStream::connect(authority).await.map_err(err)?;
+                    handshake(TokioIo::new(s)).await
+                }
             }
-            Endpoint::Tcp { authority, .. } => {
-                let s = TcpStream::connect(authority).await.map_err(err)?;
-                handshake(TokioIo::new(s)).await
-            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(err(std::io::ErrorKind::TimedOut.into())),
         }
     }
 
