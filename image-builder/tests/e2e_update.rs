@@ -57,6 +57,9 @@ const FATAL: &[&str] = &[
     "Kernel panic",
     "keel-init: internal error",
     "keel-init is in emergency mode",
+    // keel-init's start deadline and its stuck-VMM report (issue 11): never expected.
+    "did not report the guest running",
+    "stuck in the kernel",
 ];
 /// Tries systemd-boot gives a fresh install (`+3`).
 const TRIES: usize = 3;
