@@ -6,9 +6,7 @@
 
 pub mod api;
 pub mod config;
-pub mod console;
 pub mod guest;
-pub mod guest_resources;
 pub mod host;
 pub mod layout;
 pub mod logging;
@@ -20,7 +18,4 @@ pub mod partitions;
 pub mod pid1;
 pub mod power;
 pub mod storage;
-pub mod supervisor;
 pub mod update;
-pub mod vmm_command;
-pub mod vmm_control;

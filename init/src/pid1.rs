@@ -25,12 +25,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{ApiContext, AppliedConfig};
 use crate::config::{self, OnIdle};
-use crate::guest_resources::{GuestResources, Readiness};
+use crate::guest::resources::{GuestResources, Readiness};
+use crate::guest::vmm_command::Paths;
+use crate::guest::{Exit, Supervisor};
 use crate::layout;
 use crate::logging::LevelHandle;
 use crate::power::{self, Action};
-use crate::supervisor::{Exit, Supervisor};
-use crate::vmm_command::Paths;
 use crate::{modules, mounts, partitions};
 
 /// How long guests get to shut down before their VMMs are killed.

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use keel_init::api::{ApiContext, serve_unix};
-use keel_init::supervisor::{Prepared, Supervisor};
+use keel_init::guest::vmm_command::Paths;
+use keel_init::guest::{Prepared, Supervisor};
 use keel_init::update::Agent;
-use keel_init::vmm_command::Paths;
 use support::{Esp, key, make_bundle, payload, payload_offset};
 
 /// Serves the control API with an update agent for `running` on `esp`.

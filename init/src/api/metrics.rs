@@ -6,8 +6,8 @@
 use std::fmt::Write;
 
 use crate::api::host::{CpuTimes, PoolUsage};
-use crate::supervisor::{GuestStatus, State};
-use crate::vmm_control::VmmStats;
+use crate::guest::vmm_control::VmmStats;
+use crate::guest::{GuestStatus, State};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -221,7 +221,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm_control::{DeviceStats, VcpuStats};
+    use crate::guest::vmm_control::{DeviceStats, VcpuStats};
 
     fn status(name: &str, state: &str) -> GuestStatus {
         GuestStatus {

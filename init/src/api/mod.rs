@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 pub use server::{serve_tcp, serve_unix};
 
 use crate::config::{Config, Guest};
-use crate::supervisor::{GuestStatus, Prepared, Supervisor};
+use crate::guest::{GuestStatus, Prepared, Supervisor};
 
 /// The Upgrade protocol name of a console stream.
 pub const CONSOLE_PROTOCOL: &str = "keel-console";
@@ -114,7 +114,7 @@ pub struct GuestDetail {
     #[serde(flatten)]
     pub status: GuestStatus,
     /// Live numbers from the VMM while it runs.
-    pub stats: Option<crate::vmm_control::VmmStats>,
+    pub stats: Option<crate::guest::vmm_control::VmmStats>,
 }
 
 /// The error body.

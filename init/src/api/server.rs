@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use super::{
     ApiContext, AppliedConfig, ApplyResult, CONSOLE_PROTOCOL, ErrorBody, GuestDetail, config_store, host, metrics, plan,
 };
-use crate::supervisor::{AfterStop, DEFAULT_STOP_TIMEOUT, OpError, State, StopHandle};
-use crate::vmm_control::{self, Op};
+use crate::guest::vmm_control::{self, Op};
+use crate::guest::{AfterStop, DEFAULT_STOP_TIMEOUT, OpError, State, StopHandle};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -454,7 +454,7 @@ fn console(
 
 /// Copies guest output to the client and the client's keys to the guest until
 /// the client hangs up.
-async fn attach_console<IO>(mut io: IO, hub: Arc<crate::console::ConsoleHub>, replay: usize, name: &str)
+async fn attach_console<IO>(mut io: IO, hub: Arc<crate::guest::console::ConsoleHub>, replay: usize, name: &str)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

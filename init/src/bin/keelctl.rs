@@ -12,7 +12,7 @@ use keel_init::api::client::{Client, ClientError, Endpoint};
 use keel_init::api::host::HostInfo;
 use keel_init::api::plan::{GuestAction, Plan};
 use keel_init::api::{ApplyResult, GuestDetail};
-use keel_init::supervisor::GuestStatus;
+use keel_init::guest::GuestStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // A directory, not src/bin/update.rs, which Cargo would take for a binary of its own.

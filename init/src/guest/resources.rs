@@ -13,8 +13,8 @@ use futures::future::BoxFuture;
 use tracing::warn;
 
 use crate::config::{Config, Guest};
+use crate::guest::Prepared;
 use crate::logging::LevelHandle;
-use crate::supervisor::Prepared;
 use crate::{layout, net, storage};
 
 /// Ready volumes and bridges.
