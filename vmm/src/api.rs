@@ -35,7 +35,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bus::lock;
@@ -49,84 +48,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// cannot block the socket.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One request line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    Ping,
-    Pause,
-    Resume,
-    PowerButton,
-    CtrlAltDel,
-    Stop,
-    Stats,
-}
-
-/// One answer line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stats: Option<Stats>,
-}
-
-impl Response {
-    fn ok() -> Self {
-        Response {
-            ok: true,
-            error: None,
-            stats: None,
-        }
-    }
-    fn err(msg: impl Into<String>) -> Self {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            stats: None,
-        }
-    }
-}
-
-/// What `stats` reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    pub paused: bool,
-    /// CPU time each vCPU thread has used (guest and VMM time on its behalf).
-    pub vcpus: Vec<VcpuStats>,
-    /// Resident memory of the whole keel-vmm process (guest RAM it touched included).
-    pub rss_bytes: u64,
-    pub devices: Vec<DeviceStats>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VcpuStats {
-    pub id: u32,
-    pub cpu_seconds: f64,
-}
-
-/// Counters of one device. "In" is towards the guest (disk reads, packets the guest
-/// receives), "out" is from the guest (disk writes, packets it sends).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    pub name: String,
-    pub kind: DeviceKind,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub ops_in: u64,
-    pub ops_out: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Block,
-    Net,
-    Rng,
-    Console,
-    Other,
-}
+pub use keel_vmm_api::control::{DeviceKind, DeviceStats, Request, Response, Stats, VcpuStats};
 
 /// Live counters a device bumps on its I/O path (relaxed atomics: a few ns each).
 #[derive(Debug)]

@@ -1,24 +1,21 @@
 //! The VM description: what `--config FILE` holds as JSON and what the CLI flags fill in.
 //!
 //! Parsing accepts human units ("512MiB", "2GiB"); [`VmConfig::validate`] checks every
-//! field against what the VMM can actually boot and names the field and the fix on error.
+//! field against what the VMM can actually boot (the limits are keel-vmm-api's
+//! [`keel_vmm_api::limits`]) and names the field and the fix on error.
 
-use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use keel_vmm_api::limits;
+use serde::{Deserialize, Serialize};
 
-pub use crate::device_config::{DeviceConfigError, DiskConfig, MAX_VIRTIO_DEVICES, Mac, NetConfig};
-use crate::error::os_message;
+pub use crate::device_config::{DeviceConfigError, DiskConfig, NetConfig};
+use crate::os_error::os_message;
+pub use crate::types::{Mac, MemorySize, ParseSerialError, SerialOutput};
+pub use keel_vmm_api::limits::{MAX_DEVICES as MAX_VIRTIO_DEVICES, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
+pub use keel_vmm_api::{LimitError, ParseSizeError};
 
-/// Smallest guest the boot layout fits in (page tables, boot_params, kernel at 1 MiB, initrd).
-pub const MIN_MEMORY: u64 = 16 << 20;
-/// Largest guest accepted: far beyond any appliance guest, but keeps address math safe.
-pub const MAX_MEMORY: u64 = 1 << 40;
-/// Most vCPUs the MP table layout is sized for.
-pub const MAX_VCPUS: u8 = 32;
 /// Kernel command line used when none is given: serial console, i8042 reset on reboot,
 /// reboot on panic instead of hanging, no PCI probing (there is no PCI bus).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -122,22 +119,14 @@ impl VmConfig {
 
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.memory.0 < MIN_MEMORY {
-            return Err(ConfigError::MemoryTooSmall(self.memory));
-        }
-        if self.memory.0 > MAX_MEMORY {
-            return Err(ConfigError::MemoryTooLarge(self.memory));
-        }
-        if self.cpus == 0 || self.cpus > MAX_VCPUS {
-            return Err(ConfigError::Cpus(self.cpus));
-        }
+        limits::check_memory(self.memory)?;
+        limits::check_cpus(self.cpus)?;
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
         let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
-        if devices > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(devices));
-        }
+        limits::check_devices(devices)?;
+        limits::check_cmdline(self.cmdline.len(), devices)?;
         for disk in &self.disks {
             disk.validate()?;
         }
@@ -177,26 +166,20 @@ fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigErro
 /// Errors in a [`VmConfig`]; each message names the field and how to fix it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("memory {0} is below the minimum of 16 MiB: use --memory 16MiB or more")]
-    MemoryTooSmall(MemorySize),
-    #[error("memory {0} is above the maximum of 1 TiB")]
-    MemoryTooLarge(MemorySize),
-    #[error("memory '{0}': expected a size like 512MiB, 2GiB or a byte count")]
-    MemorySyntax(String),
-    #[error("cpus {0} is out of range: use 1 to {MAX_VCPUS}")]
-    Cpus(u8),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    MemorySyntax(#[from] ParseSizeError),
     #[error("cmdline contains a NUL byte")]
     CmdlineNul,
-    #[error("serial '{0}': expected stdio, none, file:PATH or unix:PATH")]
-    Serial(String),
+    #[error(transparent)]
+    Serial(#[from] ParseSerialError),
     #[error("{what} {}: {reason}", path.display())]
     File {
         what: &'static str,
         path: PathBuf,
         reason: String,
     },
-    #[error("{devices} virtio devices (disks + nets + rng): at most {MAX_VIRTIO_DEVICES} fit", devices = .0)]
-    TooManyDevices(usize),
     #[error(transparent)]
     Device(#[from] DeviceConfigError),
     #[error("config: {0}")]
@@ -205,181 +188,9 @@ pub enum ConfigError {
     JsonFile { path: PathBuf, reason: String },
 }
 
-/// A guest memory size in bytes; parses and prints with binary units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct MemorySize(pub u64);
-
-impl MemorySize {
-    pub const fn mib(n: u64) -> Self {
-        MemorySize(n << 20)
-    }
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
-}
-
-impl Default for MemorySize {
-    fn default() -> Self {
-        MemorySize::mib(512)
-    }
-}
-
-impl fmt::Display for MemorySize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-        for (name, shift) in UNITS {
-            if self.0 != 0 && self.0.is_multiple_of(1 << shift) {
-                return write!(f, "{}{name}", self.0 >> shift);
-            }
-        }
-        write!(f, "{}B", self.0)
-    }
-}
-
-impl FromStr for MemorySize {
-    type Err = ConfigError;
-
-    /// Accepts `N`, `NB`, `NK`/`NKiB`/`NKB`, `NM`/`NMiB`, `NG`/`NGiB`, `NT`/`NTiB`;
-    /// all units are binary (a guest's RAM is never sized in powers of ten).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ConfigError::MemorySyntax(s.to_string());
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| err())?;
-        let shift = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 0,
-            "k" | "kib" | "kb" => 10,
-            "m" | "mib" | "mb" => 20,
-            "g" | "gib" | "gb" => 30,
-            "t" | "tib" | "tb" => 40,
-            _ => return Err(err()),
-        };
-        n.checked_mul(1u64 << shift).map(MemorySize).ok_or_else(err)
-    }
-}
-
-impl Serialize for MemorySize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for MemorySize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => Ok(MemorySize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// Where serial output goes (and, for stdio on a terminal and unix sockets, where input
-/// comes from).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum SerialOutput {
-    /// The VMM's stdout; stdin feeds the guest when it is a terminal.
-    #[default]
-    Stdio,
-    /// Append to a file (created if missing).
-    File(PathBuf),
-    /// Connect to a listening unix stream socket (the supervisor's); both directions.
-    Unix(PathBuf),
-    /// Discard output.
-    None,
-}
-
-impl fmt::Display for SerialOutput {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SerialOutput::Stdio => f.write_str("stdio"),
-            SerialOutput::None => f.write_str("none"),
-            SerialOutput::File(p) => write!(f, "file:{}", p.display()),
-            SerialOutput::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-impl FromStr for SerialOutput {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let nonempty = |p: &str| {
-            if p.is_empty() {
-                Err(ConfigError::Serial(s.to_string()))
-            } else {
-                Ok(PathBuf::from(p))
-            }
-        };
-        match s {
-            "stdio" => Ok(SerialOutput::Stdio),
-            "none" => Ok(SerialOutput::None),
-            _ => {
-                if let Some(p) = s.strip_prefix("file:") {
-                    Ok(SerialOutput::File(nonempty(p)?))
-                } else if let Some(p) = s.strip_prefix("unix:") {
-                    Ok(SerialOutput::Unix(nonempty(p)?))
-                } else {
-                    Err(ConfigError::Serial(s.to_string()))
-                }
-            }
-        }
-    }
-}
-
-impl Serialize for SerialOutput {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for SerialOutput {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn memory_units_parse() {
-        assert_eq!("512MiB".parse::<MemorySize>(), Ok(MemorySize(512 << 20)));
-        assert_eq!("2GiB".parse::<MemorySize>(), Ok(MemorySize(2 << 30)));
-        assert_eq!("128M".parse::<MemorySize>(), Ok(MemorySize(128 << 20)));
-        assert_eq!("1g".parse::<MemorySize>(), Ok(MemorySize(1 << 30)));
-        assert_eq!("4096".parse::<MemorySize>(), Ok(MemorySize(4096)));
-        assert_eq!("64 KiB".parse::<MemorySize>(), Ok(MemorySize(64 << 10)));
-        assert!("".parse::<MemorySize>().is_err());
-        assert!("12 parsecs".parse::<MemorySize>().is_err());
-        assert!("MiB".parse::<MemorySize>().is_err());
-        assert!("99999999999999T".parse::<MemorySize>().is_err());
-    }
-
-    #[test]
-    fn memory_prints_largest_exact_unit() {
-        assert_eq!(MemorySize(512 << 20).to_string(), "512MiB");
-        assert_eq!(MemorySize(3 << 30).to_string(), "3GiB");
-        assert_eq!(MemorySize(1536 << 20).to_string(), "1536MiB");
-        assert_eq!(MemorySize(100).to_string(), "100B");
-    }
-
-    #[test]
-    fn serial_parse_roundtrip() {
-        for s in ["stdio", "none", "file:/tmp/x", "unix:/run/a.sock"] {
-            let parsed: SerialOutput = s.parse().unwrap();
-            assert_eq!(parsed.to_string(), s);
-        }
-        assert!("file:".parse::<SerialOutput>().is_err());
-        assert!("tcp:1".parse::<SerialOutput>().is_err());
-    }
 
     #[test]
     fn json_defaults_and_units() {

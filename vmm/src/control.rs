@@ -27,16 +27,7 @@ pub enum ExitReason {
     Error(String),
 }
 
-/// Exit code: guest powered off, or stopped cleanly on request.
-pub const EXIT_POWER_OFF: i32 = 0;
-/// Exit code: VMM error (bad input, KVM failure, guest crashed the vCPU).
-pub const EXIT_ERROR: i32 = 1;
-/// Exit code: usage error on the command line.
-pub const EXIT_USAGE: i32 = 2;
-/// Exit code: the guest asked to reboot.
-pub const EXIT_REBOOT: i32 = 3;
-/// Exit code: stopped hard after the shutdown grace period (or by the console escape).
-pub const EXIT_KILLED: i32 = 4;
+pub use keel_vmm_api::exit::{EXIT_ERROR, EXIT_KILLED, EXIT_POWER_OFF, EXIT_REBOOT, EXIT_USAGE};
 
 impl ExitReason {
     /// The `keel-vmm` process exit code for this reason.

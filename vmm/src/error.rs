@@ -1,11 +1,10 @@
-//! The VMM's top-level error type and small helpers for readable messages.
-
-use std::io;
+//! The VMM's top-level error type, which wraps each part's own error.
 
 use crate::boot::BootError;
 use crate::config::ConfigError;
 use crate::cpu::CpuError;
 use crate::memory::MemoryError;
+use crate::os_error::errno_message;
 
 /// Everything that can stop a VM from being built or keep it from running.
 #[derive(Debug, thiserror::Error)]
@@ -39,36 +38,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// `io::Error`'s text without the trailing " (os error N)", which operators do not need.
-pub fn os_message(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
-/// Same for the errno type the rust-vmm crates return.
-pub fn errno_message(e: &vmm_sys_util::errno::Error) -> String {
-    os_message(&io::Error::from_raw_os_error(e.errno()))
-}
-
 pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
         what,
         reason: errno_message(&e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn os_message_drops_errno_suffix() {
-        let e = io::Error::from_raw_os_error(libc::ENOENT);
-        assert_eq!(os_message(&e), "No such file or directory");
-        let e = io::Error::other("plain");
-        assert_eq!(os_message(&e), "plain");
     }
 }

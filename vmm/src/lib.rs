@@ -44,7 +44,9 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod memory;
+pub mod os_error;
 pub mod seccomp;
+pub mod types;
 pub mod virtio;
 pub mod vm;
 

@@ -30,6 +30,9 @@ Examples:
   # A tap the supervisor opened (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) and passed as fd 3
   keel-vmm --kernel vmlinuz --net fd=3 --disk path=disk.img,direct=on
 
+  # Would keel-vmm start this VM? (limits, files; exit 0 or 1 with the reason)
+  keel-vmm --check --kernel vmlinuz --cpus 32 --memory 1TiB
+
   # Everything from a JSON file (same fields as the flags; flags override it)
   keel-vmm --config guest.json
   #   {\"kernel\": \"/boot/vmlinuz\", \"initrd\": \"/boot/initrd\", \"cpus\": 2,
@@ -108,10 +111,15 @@ struct Cli {
     /// line per request) at PATH while the VM runs.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Check the VM config (limits, files, devices) and exit: 0 when keel-vmm would
+    /// start this VM, 1 with the reason otherwise. Nothing is allocated or opened
+    /// beyond reading the config.
+    #[arg(long)]
+    check: bool,
 }
 
 fn parse_memory(s: &str) -> Result<MemorySize, String> {
-    s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: keel_vmm::config::ParseSizeError| e.to_string())
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -125,7 +133,7 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput, String> {
-    s.parse().map_err(|e: keel_vmm::config::ConfigError| e.to_string())
+    s.parse().map_err(|e: keel_vmm::config::ParseSerialError| e.to_string())
 }
 
 impl Cli {
@@ -198,7 +206,20 @@ fn main() -> ExitCode {
 
 fn run(mut cli: Cli, start: Instant) -> anyhow::Result<i32> {
     let api_socket = cli.api_socket.take();
+    let check = cli.check;
     let config = cli.into_config()?;
+    if check {
+        config.validate()?;
+        println!(
+            "keel-vmm: config OK: {} vCPUs, {} of memory, {} disks, {} NICs, a {}-byte command line",
+            config.cpus,
+            config.memory,
+            config.disks.len(),
+            config.nets.len(),
+            config.cmdline.len()
+        );
+        return Ok(keel_vmm::EXIT_POWER_OFF);
+    }
     let mut vm = Vm::build(&config, start)?;
     if let Some(path) = api_socket {
         vm = vm.with_api_socket(path);

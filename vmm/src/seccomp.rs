@@ -228,7 +228,7 @@ pub fn install() -> Result<(), SeccompError> {
 /// The handler only calls async-signal-safe functions (write, _exit) on stack data.
 fn install_sigsys_handler() -> Result<(), SeccompError> {
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
-        .map_err(|e| SeccompError::Handler(crate::error::errno_message(&e)))
+        .map_err(|e| SeccompError::Handler(crate::os_error::errno_message(&e)))
 }
 
 /// The blocked call's number from a SIGSYS siginfo: `_sigsys._syscall`, after the three

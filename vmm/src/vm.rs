@@ -22,9 +22,10 @@ use crate::devices::cmos::{CMOS_LEN, CMOS_PORT, Cmos};
 use crate::devices::i8042::{AUX_IRQ, I8042, I8042_LEN, I8042_PORT, KBD_IRQ};
 use crate::devices::serial::{self, COM1_IRQ, COM1_LEN, COM1_PORT, RawTerminal, SerialDevice};
 use crate::devices::{IrqLine, sink::Sink};
-use crate::error::{Error, Result, errno_message, kvm_err, os_message};
+use crate::error::{Error, Result, kvm_err};
 use crate::event_loop::EventLoop;
 use crate::memory::{self, GuestMemory};
+use crate::os_error::{errno_message, os_message};
 use crate::virtio::attach;
 
 /// POST code port; Linux also writes it as an I/O delay.

@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use crate::api::host::{CpuTimes, PoolUsage};
-use crate::guest::vmm_control::VmmStats;
+use crate::guest::vmm_control::{DeviceKind, VmmStats};
 use crate::guest::{GuestStatus, State};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -130,13 +130,17 @@ pub fn render(s: &Snapshot<'_>) -> String {
             st.rss_bytes as f64,
         );
     }
-    for (kind, prefix, what_in, what_out) in [
-        ("block", "keel_guest_disk", "read", "write"),
-        ("net", "keel_guest_net", "rx", "tx"),
+    for (kind, label, prefix, what_in, what_out) in [
+        (DeviceKind::Block, "block", "keel_guest_disk", "read", "write"),
+        (DeviceKind::Net, "net", "keel_guest_net", "rx", "tx"),
     ] {
         let bytes = format!("{prefix}_bytes_total");
         let ops = format!("{prefix}_ops_total");
-        o.family(&bytes, "counter", &format!("Bytes through the guest's {kind} devices."));
+        o.family(
+            &bytes,
+            "counter",
+            &format!("Bytes through the guest's {label} devices."),
+        );
         for (g, st) in &running {
             for d in st.devices.iter().filter(|d| d.kind == kind) {
                 o.sample(
@@ -154,7 +158,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         o.family(
             &ops,
             "counter",
-            &format!("Requests through the guest's {kind} devices."),
+            &format!("Requests through the guest's {label} devices."),
         );
         for (g, st) in &running {
             for d in st.devices.iter().filter(|d| d.kind == kind) {
@@ -252,7 +256,7 @@ mod tests {
             rss_bytes: 4096,
             devices: vec![DeviceStats {
                 name: "virtio-blk0".into(),
-                kind: "block".into(),
+                kind: DeviceKind::Block,
                 bytes_in: 512,
                 bytes_out: 1024,
                 ops_in: 1,

@@ -574,7 +574,7 @@ super::decode::decode_via_fromstr!(PoolPath => "a pool path such as default/web-
 pub struct Guest {
     /// Guest name: lowercase letters, digits and `-`, at most 32 characters.
     pub name: Spanned<String>,
-    /// Number of virtual CPUs (1-255).
+    /// Number of virtual CPUs (1-32, keel-vmm's limit).
     #[serde(default = "default_vcpus")]
     pub vcpus: Spanned<u32>,
     /// Guest RAM, e.g. 512MiB (at least 16MiB).
@@ -956,6 +956,23 @@ impl Decode for Update {
 }
 
 impl Guest {
+    /// The kernel command line keel-vmm is given: Keel's part, then the operator's.
+    /// keel-vmm appends one `virtio_mmio.device=` entry per device after it.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut cmdline = base_cmdline(&self.name);
+        if let Some(extra) = &self.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        cmdline
+    }
+
+    /// The virtio devices keel-vmm gives this guest (disks, then NICs): what counts
+    /// against its device limit.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + self.nics.len()
+    }
+
     /// The MAC of NIC `index`: the fixed one, or for `auto` one derived from the
     /// guest's name and the index, so it stays the same across reboots and
     /// re-applies. Locally administered (bit 1) and unicast (bit 0 clear).
@@ -965,6 +982,14 @@ impl Guest {
             _ => auto_mac(&self.name, index),
         }
     }
+}
+
+/// What Keel puts on every guest's command line before the operator's part:
+/// the serial console, reboot through the i8042 (which ends keel-vmm with its
+/// reboot code), no PCI probing (devices are virtio-mmio), and the guest's name
+/// for its own init to read.
+pub fn base_cmdline(guest: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=1 pci=off keel.guest={guest}")
 }
 
 /// The stable `auto` MAC for a guest's NIC.

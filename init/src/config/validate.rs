@@ -15,11 +15,14 @@ use super::schema::{BootFile, BridgeMode, Config, MacSpec, PoolPath, UplinkAddre
 use super::units::{ByteSize, Ipv4Cidr, MacAddr};
 use super::yaml::Pos;
 
-/// Smallest guest RAM that boots a Linux kernel with an initramfs.
-pub const MIN_GUEST_MEMORY: ByteSize = ByteSize::mib(16);
-/// x86-64 guests address at most 46 bits of physical memory with Keel's VMM.
-pub const MAX_GUEST_MEMORY: ByteSize = ByteSize(1 << 46);
-pub const MAX_VCPUS: u32 = 255;
+// The guest limits are keel-vmm's own (keel-vmm-api), so a config that validates is
+// one keel-vmm accepts: tests/vmm_limits.rs walks each through both.
+/// Smallest guest RAM keel-vmm boots.
+pub const MIN_GUEST_MEMORY: ByteSize = ByteSize(keel_vmm_api::limits::MIN_MEMORY);
+/// Largest guest RAM keel-vmm accepts.
+pub const MAX_GUEST_MEMORY: ByteSize = ByteSize(keel_vmm_api::limits::MAX_MEMORY);
+/// Most vCPUs keel-vmm boots.
+pub const MAX_VCPUS: u32 = keel_vmm_api::limits::MAX_VCPUS as u32;
 /// Linux's IFNAMSIZ is 16 including the terminating NUL.
 const MAX_IFNAME: usize = 15;
 const MAX_GUEST_NAME: usize = 32;
@@ -391,7 +394,7 @@ fn check_guests(cfg: &Config, d: &mut Diagnostics) {
         } else if mem > MAX_GUEST_MEMORY {
             d.error(
                 g.memory.pos,
-                format!("memory {mem} is more than a guest can address ({MAX_GUEST_MEMORY})"),
+                format!("memory {mem} is above keel-vmm's maximum of {MAX_GUEST_MEMORY}"),
             );
         } else if mem.bytes() % 4096 != 0 {
             d.error(
@@ -413,6 +416,28 @@ fn check_guests(cfg: &Config, d: &mut Diagnostics) {
             && c.contains(['\n', '\0'])
         {
             d.error(c.pos, "cmdline must be one line");
+        }
+        let devices = g.virtio_devices();
+        if keel_vmm_api::limits::check_devices(devices).is_err() {
+            // At the first device past the limit (disks come first, then NICs).
+            let over = keel_vmm_api::limits::MAX_DEVICES;
+            let at = match g.disks.get(over) {
+                Some(disk) => disk.volume.pos,
+                None => g.nics.get(over - g.disks.len()).map_or(g.name.pos, |n| n.bridge.pos),
+            };
+            d.error(
+                at,
+                format!(
+                    "guest `{name}` has {devices} disks and NICs; keel-vmm gives a guest at most {} virtio devices",
+                    keel_vmm_api::limits::MAX_DEVICES
+                ),
+            );
+        } else if let Err(e) = keel_vmm_api::limits::check_cmdline(g.kernel_cmdline().len(), devices) {
+            let at = g.cmdline.as_ref().map(|c| c.pos).unwrap_or(g.name.pos);
+            d.error(
+                at,
+                format!("guest `{name}`: the kernel {e} (Keel's own part included); shorten it"),
+            );
         }
 
         for disk in &g.disks {

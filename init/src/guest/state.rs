@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-/// keel-vmm's exit codes (see `keel-vmm --help`).
-pub const VMM_EXIT_POWEROFF: i32 = 0;
-pub const VMM_EXIT_REBOOT: i32 = 3;
-pub const VMM_EXIT_KILLED: i32 = 4;
+/// keel-vmm's exit codes, from the contract both sides build against.
+pub use keel_vmm_api::exit::{
+    EXIT_KILLED as VMM_EXIT_KILLED, EXIT_POWER_OFF as VMM_EXIT_POWEROFF, EXIT_REBOOT as VMM_EXIT_REBOOT,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum State {

@@ -81,21 +81,11 @@ impl Paths {
 /// The first fd number taps are passed at (`--net fd=3`, `fd=4`, ...).
 pub const FIRST_PASSED_FD: i32 = 3;
 
-/// What Keel puts on every guest's command line before the operator's part:
-/// the serial console, reboot through the i8042 (which ends keel-vmm with its
-/// reboot code), no PCI probing (devices are virtio-mmio), and the guest's name
-/// for its own init to read.
-pub fn base_cmdline(guest: &str) -> String {
-    format!("console=ttyS0 reboot=k panic=1 pci=off keel.guest={guest}")
-}
+pub use crate::config::base_cmdline;
 
 /// The arguments for `keel-vmm` (without the program name).
 pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
-    let mut cmdline = base_cmdline(&g.name);
-    if let Some(extra) = &g.cmdline {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
+    let cmdline = g.kernel_cmdline();
     let mut a: Vec<OsString> = vec![
         "--kernel".into(),
         paths.boot_file(&g.kernel, &paths.default_kernel).into(),

@@ -1,14 +1,13 @@
 //! Client of keel-vmm's per-VM control socket (`keel-vmm --api-socket PATH`).
 //!
-//! The wire format is keel-vmm's (`keel_vmm::api`): one JSON request per line,
-//! one JSON answer per line. The types are mirrored here rather than shared so
-//! keel-init does not link the VMM and its KVM crates.
+//! The wire format and its types are keel-vmm-api's (`keel_vmm_api::control`), shared
+//! with keel-vmm: one JSON request per line, one JSON answer per line. That crate is
+//! small, so keel-init does not link the VMM and its KVM crates.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// How long one request may take (pause waits up to 2 s for the vCPUs to park).
@@ -30,76 +29,12 @@ pub enum VmmControlError {
     Refused { op: &'static str, message: String },
 }
 
-/// The operations keel-vmm's control socket offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Ping,
-    Pause,
-    Resume,
-    /// Graceful stop: Ctrl-Alt-Del; any end of the guest now counts as stopped.
-    PowerButton,
-    /// Just Ctrl-Alt-Del (a Linux guest reboots).
-    CtrlAltDel,
-    /// Hard stop.
-    Stop,
-    Stats,
-}
+use keel_vmm_api::control::Response;
+pub use keel_vmm_api::control::{DeviceKind, DeviceStats, Request as Op, Stats as VmmStats, VcpuStats};
 
-impl Op {
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Ping => "ping",
-            Op::Pause => "pause",
-            Op::Resume => "resume",
-            Op::PowerButton => "power-button",
-            Op::CtrlAltDel => "ctrl-alt-del",
-            Op::Stop => "stop",
-            Op::Stats => "stats",
-        }
-    }
-}
-
-/// keel-vmm's `stats` answer.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct VmmStats {
-    pub paused: bool,
-    pub vcpus: Vec<VcpuStats>,
-    pub rss_bytes: u64,
-    pub devices: Vec<DeviceStats>,
-}
-
-impl VmmStats {
-    pub fn vcpu_seconds(&self) -> f64 {
-        self.vcpus.iter().map(|v| v.cpu_seconds).sum()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VcpuStats {
-    pub id: u32,
-    pub cpu_seconds: f64,
-}
-
-/// One device's counters; "in" is towards the guest (disk reads, received packets).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    pub name: String,
-    /// block, net, rng, console or other.
-    pub kind: String,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub ops_in: u64,
-    pub ops_out: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct Answer {
-    ok: bool,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    stats: Option<VmmStats>,
-}
+/// Longest answer line read: a `stats` answer is a few hundred bytes per device; a
+/// line past this is a broken or hostile VMM, not one to buffer without end.
+const MAX_ANSWER: u64 = 256 * 1024;
 
 /// Sends one request; returns the stats for `Op::Stats`, `None` otherwise.
 pub async fn request(path: &Path, op: Op) -> Result<Option<VmmStats>, VmmControlError> {
@@ -115,9 +50,10 @@ async fn exchange(path: &Path, op: Op) -> Result<Option<VmmStats>, VmmControlErr
         source,
     };
     let mut stream = UnixStream::connect(path).await.map_err(io)?;
-    let line = format!("{{\"op\":\"{}\"}}\n", op.name());
+    let mut line = serde_json::to_string(&op).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push('\n');
     stream.write_all(line.as_bytes()).await.map_err(io)?;
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(stream).take(MAX_ANSWER);
     let mut answer = String::new();
     let n = reader.read_line(&mut answer).await.map_err(io)?;
     if n == 0 {
@@ -126,7 +62,7 @@ async fn exchange(path: &Path, op: Op) -> Result<Option<VmmStats>, VmmControlErr
             "closed without answering",
         )));
     }
-    let parsed: Answer = serde_json::from_str(answer.trim()).map_err(|e| VmmControlError::BadAnswer {
+    let parsed: Response = serde_json::from_str(answer.trim()).map_err(|e| VmmControlError::BadAnswer {
         path: path.into(),
         line: answer.trim().to_string(),
         reason: e.to_string(),

@@ -13,8 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
 use super::layout::{CMDLINE_ADDR, DEFAULT_INITRD_ADDR_MAX, ELF_CMDLINE_MAX};
-use crate::error::os_message;
 use crate::memory::{GuestMemory, HIMEM_START, low_ram_end};
+use crate::os_error::os_message;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// "HdrS" at offset 0x202 marks a Linux boot-protocol setup header.

@@ -23,7 +23,7 @@ impl CpuError {
         move |e| CpuError::Setup {
             id,
             what,
-            reason: crate::error::errno_message(&e),
+            reason: crate::os_error::errno_message(&e),
         }
     }
 }

@@ -42,7 +42,7 @@ pub fn boot_values() -> [(u32, u64); 10] {
 pub fn supported(kvm: &Kvm) -> Result<Vec<u32>, CpuError> {
     kvm.get_msr_index_list()
         .map(|l| l.as_slice().to_vec())
-        .map_err(|e| CpuError::MsrList(crate::error::errno_message(&e)))
+        .map_err(|e| CpuError::MsrList(crate::os_error::errno_message(&e)))
 }
 
 /// Writes the boot MSRs that KVM supports.

@@ -89,7 +89,7 @@ pub fn install_kick_handler() -> Result<(), crate::error::Error> {
     static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler).map_err(|e| crate::error::errno_message(&e))
+            register_signal_handler(kick_signal(), kick_handler).map_err(|e| crate::os_error::errno_message(&e))
         })
         .clone()
         .map_err(|reason| crate::error::Error::Io {
@@ -255,7 +255,7 @@ fn step(vcpu: &mut Vcpu, run_ptr: *mut kvm_run, ctx: &VcpuContext) -> Next {
             vcpu.fd.set_kvm_immediate_exit(0);
             return Next::Continue;
         }
-        Err(e) => Fault::RunError(crate::error::errno_message(&e)),
+        Err(e) => Fault::RunError(crate::os_error::errno_message(&e)),
     };
     let id = vcpu.id;
     let regs = describe_registers(&vcpu.fd);
@@ -320,7 +320,7 @@ pub fn describe_registers(fd: &VcpuFd) -> String {
             s.efer
         ),
         (Err(e), _) | (_, Err(e)) => {
-            format!("registers unavailable: {}", crate::error::errno_message(&e))
+            format!("registers unavailable: {}", crate::os_error::errno_message(&e))
         }
     }
 }

@@ -19,7 +19,8 @@ use crate::bus::{BusDevice, lock};
 use crate::config::SerialOutput;
 use crate::control::{ExitReason, VmControl};
 use crate::devices::IrqLine;
-use crate::error::{Error, os_message};
+use crate::error::Error;
+use crate::os_error::os_message;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;

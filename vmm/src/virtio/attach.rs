@@ -18,9 +18,10 @@ use crate::boot::layout::{VIRTIO_IRQS, VIRTIO_MMIO_BASE};
 use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::devices::IrqLine;
-use crate::error::{Error, kvm_err, os_message};
+use crate::error::{Error, kvm_err};
 use crate::event_loop::EventLoop;
 use crate::memory::GuestMemory;
+use crate::os_error::os_message;
 
 /// A device opened from the config, with the place it will occupy.
 pub struct PlannedDevice {

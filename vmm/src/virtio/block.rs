@@ -23,8 +23,8 @@ use super::queue_handler::{self, Chain, IovecBuf};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice, read_config_bytes};
 use crate::api::{DeviceCounters, DeviceKind};
 pub use crate::device_config::DiskConfig;
-use crate::error::os_message;
 use crate::memory::GuestMemory;
+use crate::os_error::os_message;
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;

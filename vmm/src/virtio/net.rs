@@ -26,6 +26,7 @@ use super::queue_handler::{self, Chain, IovecBuf, Segment};
 use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{COMMON_FEATURES, ExtraFd, NeedsReset, QueueContext, VirtioDevice, has_feature, read_config_bytes};
 use crate::api::{DeviceCounters, DeviceKind};
+pub use crate::types::Mac;
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -34,68 +35,6 @@ const QUEUE_SIZE: u16 = 256;
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 65535;
 /// Offset of `num_buffers` in the v1 header.
 const NUM_BUFFERS_OFFSET: u64 = 10;
-
-/// MAC address, printed and parsed as aa:bb:cc:dd:ee:ff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// A random locally administered unicast address (02:xx:xx:xx:xx:xx style).
-    pub fn random() -> Mac {
-        let mut b = [0u8; 6];
-        // SAFETY: writing into a local buffer; on failure the bytes stay zero and the
-        // fixed first octet still makes a valid local address.
-        unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        b[0] = (b[0] & 0xfe) | 0x02;
-        Mac(b)
-    }
-}
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let err = || format!("mac {s:?}: expected six hex bytes like 52:54:00:12:34:56");
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(err());
-        }
-        let mut b = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            if p.len() != 2 {
-                return Err(err());
-            }
-            b[i] = u8::from_str_radix(p, 16).map_err(|_| err())?;
-        }
-        if b[0] & 1 != 0 {
-            return Err(format!("mac {s}: a multicast address cannot be a NIC's address"));
-        }
-        Ok(Mac(b))
-    }
-}
-
-impl serde::Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Mac {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// The virtio-net device.
 pub struct Net<B: NetBackend> {

@@ -79,7 +79,7 @@ pub struct Tap {
 }
 
 fn errno_text() -> String {
-    crate::error::os_message(&io::Error::last_os_error())
+    crate::os_error::os_message(&io::Error::last_os_error())
 }
 
 impl Tap {
@@ -96,7 +96,7 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(|e| TapError::OpenTun {
                 name: name.into(),
-                reason: crate::error::os_message(&e),
+                reason: crate::os_error::os_message(&e),
             })?;
         let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
         // SAFETY: TUNSETIFF reads and writes a struct ifreq we own.
