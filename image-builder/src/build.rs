@@ -23,7 +23,7 @@ use crate::uki;
 pub const LOADER_CONF: &str = "timeout 0\neditor no\n";
 
 /// Where the ESP records each installed UKI's hash (see `Manifest`).
-pub use keel_init::update::slots::RECORDS_DIR as MANIFEST_DIR;
+pub use keel_config::slots::RECORDS_DIR as MANIFEST_DIR;
 
 /// `--firmware-reset-on-exit` (test images only): the UEFI shell script at the ESP's
 /// root and its content. When systemd-boot cannot start an entry (a damaged UKI) it
@@ -68,7 +68,7 @@ pub struct ImageInputs {
 /// installed updates are one format. `inspect` verifies each UKI against it. It lives on
 /// the ESP because it belongs to the UKI: installed, replaced and pruned with it, and out
 /// of KEEL-CONFIG, which the operator edits.
-pub use keel_init::update::install::EspRecord as Manifest;
+pub use keel_config::slots::EspRecord as Manifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -216,7 +216,7 @@ pub fn build_image(inputs: &ImageInputs, output: &Path, progress: &ProgressBar) 
     esp.add_file(&manifest.uki, uki_bytes).map_err(fat_err("KEEL-ESP"))?;
     esp.add_file("loader/loader.conf", LOADER_CONF.as_bytes().to_vec())
         .map_err(fat_err("KEEL-ESP"))?;
-    esp.add_file(&keel_init::update::slots::record_path(&inputs.version), manifest_json)
+    esp.add_file(&keel_config::slots::record_path(&inputs.version), manifest_json)
         .map_err(fat_err("KEEL-ESP"))?;
     if inputs.firmware_reset_on_exit {
         esp.add_file(FIRMWARE_RESET_SCRIPT, FIRMWARE_RESET_NSH.as_bytes().to_vec())

@@ -1,7 +1,7 @@
 //! `keel-image keygen`, `bundle` and `verify`: the build side of over-the-air updates.
 //!
 //! The bundle format and its verification live in keel-init
-//! (`keel_init::update::bundle`), so the appliance and this tool cannot disagree
+//! (`keel_config::bundle`), so the appliance and this tool cannot disagree
 //! about it. This module finds the UKI (a file, or the newest version on a disk
 //! image's ESP), checks that its `.osrel` names the version being bundled (the
 //! version systemd-boot orders it by), and writes the bundle atomically.
@@ -12,8 +12,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use keel_init::update::bundle::{self, BundleError, KeyError, Manifest};
-use keel_init::update::slots::{self, EFI_LINUX, SlotName};
+use keel_config::bundle::{self, BundleError, KeyError, Manifest};
+use keel_config::slots::{self, EFI_LINUX, SlotName};
 
 use crate::gpt_layout::{self, ESP_LABEL, PartitionReader};
 use crate::identity::sha256_hex;

@@ -22,7 +22,7 @@ pub const DEFAULT_GUEST_INITRD: &str = "/usr/lib/keel/guest/initrd";
 pub const OS_RELEASE: &str = "/etc/os-release";
 /// The update keys (`update.trusted_keys`, one `ed25519:BASE64` per line). keel-init
 /// reads them only from here, never from KEEL-CONFIG, which is writable.
-pub const TRUSTED_KEYS: &str = keel_init::update::TRUSTED_KEYS_FILE;
+pub const TRUSTED_KEYS: &str = keel_config::bundle::TRUSTED_KEYS_FILE;
 /// Host tools PID 1 runs: formatting, checking and growing KEEL-DATA and pool volumes.
 pub const HOST_PROGRAMS: [&str; 3] = ["/sbin/mke2fs", "/sbin/e2fsck", "/sbin/resize2fs"];
 

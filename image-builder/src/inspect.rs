@@ -330,7 +330,7 @@ fn read_config(fs: &Fs, manifests: &[Manifest], problems: &mut Vec<String>) -> O
         pools: Vec::new(),
     };
     let text = String::from_utf8_lossy(&bytes);
-    match keel_init::config::parse_str(&text) {
+    match keel_config::parse_str(&text) {
         Ok(loaded) => {
             let c = &loaded.config;
             summary.valid = true;

@@ -8,10 +8,10 @@ use std::str::FromStr;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keel_config::ByteSize;
 use keel_image::build::{self, ImageInputs};
 use keel_image::host_initramfs::HostInitramfs;
 use keel_image::{bundle, flash, identity, initramfs, inspect, qemu, uki};
-use keel_init::config::ByteSize;
 
 /// The default kernel command line of the host, from kernel-config/cmdline.
 const DEFAULT_CMDLINE: &str = include_str!("../../kernel-config/cmdline");
@@ -331,7 +331,7 @@ fn cmd_build(args: BuildArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let bar = progress_bar(build::STEPS + 2, "{spinner} [{bar:24}] {pos}/{len} {msg}");
     bar.set_message("validating the config");
-    let loaded = match keel_init::config::load_file(&args.config) {
+    let loaded = match keel_config::load_file(&args.config) {
         Ok(loaded) => loaded,
         Err(e) => {
             bar.finish_and_clear();
@@ -619,7 +619,7 @@ fn cmd_keygen(prefix: &Path, json: bool) -> Result<ExitCode> {
 fn cmd_bundle(args: BundleArgs) -> Result<ExitCode> {
     let key = bundle::read_secret_key(&args.key)?;
     if let Some(min) = &args.min_version {
-        keel_init::update::slots::validate_version(min).map_err(|e| anyhow::anyhow!("--min-version: {e}"))?;
+        keel_config::slots::validate_version(min).map_err(|e| anyhow::anyhow!("--min-version: {e}"))?;
     }
     let uki = match (&args.image, &args.uki, &args.version) {
         (Some(image), None, None) => bundle::uki_from_image(image)?,

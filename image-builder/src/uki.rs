@@ -58,7 +58,7 @@ pub fn os_release(version: &str) -> String {
 
 /// Checks a version string for use in `.osrel` and in `keel-<version>[+N[-M]].efi`: the
 /// update agent's rule, so an image never carries a version the appliance would refuse.
-pub use keel_init::update::slots::validate_version;
+pub use keel_config::slots::validate_version;
 
 /// Appends `sections` (name, data) to `stub` and returns the new PE image.
 pub fn assemble(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiError> {

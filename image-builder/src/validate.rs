@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use keel_init::config::{self, Diagnostic, LoadError};
+use keel_config::{self as config, Diagnostic, LoadError};
 use serde::Serialize;
 
 /// One file's result, as `--json` prints it.

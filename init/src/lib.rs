@@ -5,7 +5,7 @@
 //! one module per concern, driven by `pid1`.
 
 pub mod api;
-pub mod config;
+pub use keel_config as config;
 pub mod guest;
 pub mod host;
 pub mod layout;

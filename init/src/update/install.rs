@@ -70,23 +70,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
     move |source| InstallError::Fs(FsError::new(path, source))
 }
 
-/// The record of one installed UKI on the ESP (`keel/manifests/keel-<v>.json`), in
-/// the format `keel-image build` writes for the first version and `keel-image
-/// inspect` checks each UKI against.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EspRecord {
-    pub format: u32,
-    pub version: String,
-    /// The UKI's path on the ESP as installed (before any boot-counter rename).
-    pub uki: String,
-    pub sha256: String,
-    pub size: u64,
-    pub cmdline: String,
-    /// sha256 of keel.yaml as built. An update does not change keel.yaml, so the
-    /// running version's value is carried over.
-    pub config_sha256: String,
-    pub source_date_epoch: i64,
-}
+pub use keel_config::slots::EspRecord;
 
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

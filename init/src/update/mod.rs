@@ -12,11 +12,11 @@
 //! and serializes the operations that change the ESP.
 
 pub mod bless;
-pub mod bundle;
+pub use keel_config::bundle;
 pub mod health;
 pub mod install;
 pub mod rollback;
-pub mod slots;
+pub use keel_config::slots;
 
 use std::fs::File;
 use std::io::Read;
@@ -31,9 +31,7 @@ pub use bundle::{BundleError, Manifest};
 pub use install::{InstallError, Installed, apply_stream};
 pub use rollback::{RollbackError, RolledBack};
 
-/// The update keys inside the initramfs (from `update.trusted_keys` at build time).
-/// Read only from here: never from KEEL-CONFIG, which is writable.
-pub const TRUSTED_KEYS_FILE: &str = "/etc/keel/trusted_keys";
+pub use keel_config::bundle::TRUSTED_KEYS_FILE;
 
 /// A file-system error with the path it happened on.
 #[derive(Debug, thiserror::Error)]

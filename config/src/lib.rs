@@ -1,4 +1,8 @@
-//! keel.yaml, the appliance's declarative config: schema, reading and validation.
+//! keel-config: what more than one Keel binary reads. keel.yaml, the appliance's
+//! declarative config (schema, units, reading, validation and diagnostics), and the
+//! on-disk formats of updates: the signed bundle ([`bundle`]) and the ESP's slot
+//! names and records ([`slots`]). keel-init, keel-image and keelctl all build on
+//! it; it links no async runtime, HTTP or netlink crate.
 //!
 //! Reading happens in three steps, each reporting every problem it finds with
 //! its position: YAML syntax (`yaml`), structure and types (`decode`, driven by
@@ -7,14 +11,16 @@
 //!
 //! ```
 //! let text = "version: 1\nguests:\n  - name: web\n    memory: 256MiB\n";
-//! let loaded = keel_init::config::parse_str(text).expect("valid");
+//! let loaded = keel_config::parse_str(text).expect("valid");
 //! assert_eq!(loaded.config.guests[0].memory.to_string(), "256MiB");
 //! assert_eq!(loaded.warnings.warnings().count(), 1); // the guest has no NIC
 //! ```
 
+pub mod bundle;
 pub(crate) mod decode;
 mod diag;
 mod schema;
+pub mod slots;
 mod units;
 mod validate;
 pub mod yaml;

@@ -25,7 +25,11 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::slots::validate_version;
+use crate::slots::validate_version;
+
+/// The update keys inside the initramfs (from `update.trusted_keys` at build time).
+/// Read only from here: never from KEEL-CONFIG, which is writable.
+pub const TRUSTED_KEYS_FILE: &str = "/etc/keel/trusted_keys";
 
 pub const MAGIC: [u8; 8] = *b"KEELBNDL";
 /// The manifest format this code writes and reads.
@@ -298,7 +302,7 @@ pub fn format_public_key(key: &VerifyingKey) -> String {
 /// Parses `ed25519:BASE64` (the config's rules, `config::parse_public_key`) into a key
 /// that can verify.
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
-    let bytes = crate::config::parse_public_key(text).map_err(KeyError::Format)?;
+    let bytes = crate::parse_public_key(text).map_err(KeyError::Format)?;
     VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::NotAPoint(text.trim().to_owned()))
 }
 
@@ -349,7 +353,7 @@ mod tests {
         assert!(public.starts_with("ed25519:"));
         assert_eq!(parse_public_key(&public).expect("parses"), key.verifying_key());
         // The config validator accepts exactly what keygen writes.
-        assert!(crate::config::parse_public_key(&public).is_ok());
+        assert!(crate::parse_public_key(&public).is_ok());
         let secret = format_secret_key(&key);
         assert_eq!(parse_secret_key(&secret).expect("parses").to_bytes(), key.to_bytes());
         assert!(parse_secret_key(&public).is_err(), "a .pub is not a secret key");

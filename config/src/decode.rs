@@ -174,7 +174,7 @@ macro_rules! decode_via_fromstr {
     ($($t:ty => $what:literal),* $(,)?) => {$(
         impl Decode for $t {
             fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
-                $crate::config::decode::parse_scalar(node, $what, d)
+                $crate::decode::parse_scalar(node, $what, d)
             }
         }
     )*};

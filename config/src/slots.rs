@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the UKIs live, relative to the ESP's root.
 pub const EFI_LINUX: &str = "EFI/Linux";
@@ -333,6 +333,24 @@ pub fn record_path(version: &str) -> String {
 
 /// See [`record_path`].
 pub const RECORDS_DIR: &str = "keel/manifests";
+
+/// The record of one installed UKI on the ESP (`keel/manifests/keel-<v>.json`), in
+/// the format `keel-image build` writes for the first version and `keel-image
+/// inspect` checks each UKI against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EspRecord {
+    pub format: u32,
+    pub version: String,
+    /// The UKI's path on the ESP as installed (before any boot-counter rename).
+    pub uki: String,
+    pub sha256: String,
+    pub size: u64,
+    pub cmdline: String,
+    /// sha256 of keel.yaml as built. An update does not change keel.yaml, so the
+    /// running version's value is carried over.
+    pub config_sha256: String,
+    pub source_date_epoch: i64,
+}
 
 #[cfg(test)]
 mod tests {
