@@ -21,222 +21,33 @@
 //!
 //! # Device statistics
 //!
-//! A keel-vmm process runs exactly one VM, so devices register their counters in a
-//! process-wide registry ([`device_counters`]) instead of threading a handle through
-//! every constructor; `stats` reports all of them.
+//! `stats` reports the vCPU threads' CPU time, the process's RSS and every device's
+//! counters from the registry in [`crate::device_counters`]. Pause and resume are
+//! [`crate::cpu::pause`]'s; this module is the wire server only.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bus::lock;
 use crate::control::{ExitReason, VmControl};
+use crate::cpu::pause::ControlState;
+use crate::device_counters::device_stats;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
 
-/// How long `pause` waits for every vCPU to leave the guest.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A client that sends nothing for this long is dropped, so one stuck client
 /// cannot block the socket.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use keel_vmm_api::control::{DeviceKind, DeviceStats, Request, Response, Stats, VcpuStats};
-
-/// Live counters a device bumps on its I/O path (relaxed atomics: a few ns each).
-#[derive(Debug)]
-pub struct DeviceCounters {
-    kind: DeviceKind,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    ops_in: AtomicU64,
-    ops_out: AtomicU64,
-}
-
-impl DeviceCounters {
-    /// Counters outside the registry (a device built by a test or a benchmark);
-    /// [`device_counters`] makes the ones `stats` reports.
-    pub fn detached(kind: DeviceKind) -> Arc<Self> {
-        Arc::new(DeviceCounters {
-            kind,
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            ops_in: AtomicU64::new(0),
-            ops_out: AtomicU64::new(0),
-        })
-    }
-
-    /// One request towards the guest of `bytes` (a disk read, a received packet).
-    pub fn add_in(&self, bytes: u64) {
-        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
-        self.ops_in.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// One request from the guest of `bytes` (a disk write, a sent packet).
-    pub fn add_out(&self, bytes: u64) {
-        self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-        self.ops_out.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// What the counters say now.
-    pub fn snapshot(&self, name: &str) -> DeviceStats {
-        DeviceStats {
-            name: name.to_string(),
-            kind: self.kind,
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.load(Ordering::Relaxed),
-            ops_in: self.ops_in.load(Ordering::Relaxed),
-            ops_out: self.ops_out.load(Ordering::Relaxed),
-        }
-    }
-}
-
-type Registry = Mutex<Vec<(String, Arc<DeviceCounters>)>>;
-
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
-/// The counters of device `name` (e.g. `virtio-blk0`), created on first use.
-pub fn device_counters(name: &str, kind: DeviceKind) -> Arc<DeviceCounters> {
-    let mut reg = lock(registry());
-    if let Some((_, c)) = reg.iter().find(|(n, _)| n == name) {
-        return c.clone();
-    }
-    let c = DeviceCounters::detached(kind);
-    reg.push((name.to_string(), c.clone()));
-    c
-}
-
-fn device_stats() -> Vec<DeviceStats> {
-    lock(registry()).iter().map(|(n, c)| c.snapshot(n)).collect()
-}
-
-#[derive(Default)]
-struct PauseState {
-    paused: bool,
-    /// vCPU threads currently waiting in [`ControlState::vcpu_checkpoint`].
-    parked: usize,
-}
-
-/// What the control socket shares with the vCPU threads and the main thread.
-pub struct ControlState {
-    pause: Mutex<PauseState>,
-    changed: Condvar,
-    /// pthreads of the running vCPU threads, to kick them out of KVM_RUN. Cleared
-    /// (under the lock) before they are joined, so a kick never targets a dead thread.
-    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
-    graceful_stop: AtomicBool,
-}
-
-impl Default for ControlState {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ControlState {
-    pub fn new() -> Self {
-        ControlState {
-            pause: Mutex::new(PauseState::default()),
-            changed: Condvar::new(),
-            vcpu_threads: Mutex::new(Vec::new()),
-            graceful_stop: AtomicBool::new(false),
-        }
-    }
-
-    /// Called by each vCPU thread before every KVM_RUN: waits here while the VM is
-    /// paused. The wait re-checks `control` so a stop ends a paused VM too (a
-    /// condvar does not notice the kick signal).
-    pub fn vcpu_checkpoint(&self, control: &VmControl) {
-        let mut st = lock(&self.pause);
-        if !st.paused {
-            return;
-        }
-        st.parked += 1;
-        self.changed.notify_all();
-        while st.paused && !control.is_stopping() {
-            st = match self.changed.wait_timeout(st, Duration::from_millis(50)) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-        }
-        st.parked -= 1;
-        self.changed.notify_all();
-    }
-
-    pub fn set_vcpu_threads(&self, threads: Vec<libc::pthread_t>) {
-        *lock(&self.vcpu_threads) = threads;
-    }
-
-    pub fn clear_vcpu_threads(&self) {
-        lock(&self.vcpu_threads).clear();
-    }
-
-    /// Whether a graceful stop was asked for through the socket (the main thread
-    /// then reports a guest reboot or poweroff as "stopped").
-    pub fn stop_requested(&self) -> bool {
-        self.graceful_stop.load(Ordering::SeqCst)
-    }
-
-    pub fn is_paused(&self) -> bool {
-        lock(&self.pause).paused
-    }
-
-    /// Parks every vCPU; returns once all have left the guest.
-    pub fn pause(&self, control: &VmControl) -> Result<(), String> {
-        let threads = {
-            let mut st = lock(&self.pause);
-            st.paused = true;
-            lock(&self.vcpu_threads).clone()
-        };
-        // Kick each vCPU out of KVM_RUN (the handler sets immediate_exit, so a kick
-        // that lands just before KVM_RUN is not lost); the loop then parks.
-        for t in &threads {
-            // SAFETY: the pthread ids are live: they are removed before the threads are joined.
-            unsafe { libc::pthread_kill(*t, crate::cpu::vcpu::kick_signal()) };
-        }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut st = lock(&self.pause);
-        while st.parked < threads.len() && !control.is_stopping() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "only {} of {} vCPUs paused within {PAUSE_TIMEOUT:?}",
-                    st.parked,
-                    threads.len()
-                ));
-            }
-            st = match self.changed.wait_timeout(st, left.min(Duration::from_millis(50))) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-        }
-        Ok(())
-    }
-
-    pub fn resume(&self) {
-        lock(&self.pause).paused = false;
-        self.changed.notify_all();
-    }
-
-    pub fn stats(&self) -> Stats {
-        Stats {
-            paused: self.is_paused(),
-            vcpus: vcpu_cpu_times(),
-            rss_bytes: rss_bytes(),
-            devices: device_stats(),
-        }
-    }
-}
 
 /// The listening control socket and its thread; removes the socket file when dropped.
 pub struct ControlServer {
@@ -365,7 +176,7 @@ fn execute(req: Request, t: &Targets) -> Response {
             Response::ok()
         }
         Request::PowerButton => {
-            t.state.graceful_stop.store(true, Ordering::SeqCst);
+            t.state.request_graceful_stop();
             // A paused guest cannot react to its button.
             t.state.resume();
             // As for SIGTERM: the ACPI button if the guest armed it, else the keyboard.
@@ -389,7 +200,12 @@ fn execute(req: Request, t: &Targets) -> Response {
             Response::ok()
         }
         Request::Stats => Response {
-            stats: Some(t.state.stats()),
+            stats: Some(Stats {
+                paused: t.state.is_paused(),
+                vcpus: vcpu_cpu_times(),
+                rss_bytes: rss_bytes(),
+                devices: device_stats(),
+            }),
             ..Response::ok()
         },
     }
@@ -460,49 +276,5 @@ mod tests {
         );
         assert_eq!(serde_json::to_string(&Response::ok()).unwrap(), r#"{"ok":true}"#);
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
-    }
-
-    #[test]
-    fn device_counters_accumulate_per_name() {
-        let a = device_counters("test-blk", DeviceKind::Block);
-        a.add_in(512);
-        a.add_in(512);
-        device_counters("test-blk", DeviceKind::Block).add_out(4096);
-        let s = device_stats().into_iter().find(|d| d.name == "test-blk").unwrap();
-        assert_eq!((s.bytes_in, s.ops_in, s.bytes_out, s.ops_out), (1024, 2, 4096, 1));
-        assert_eq!(s.kind, DeviceKind::Block);
-    }
-
-    #[test]
-    fn pause_waits_for_vcpus_to_park_and_resume_releases_them() {
-        let state = Arc::new(ControlState::new());
-        let control = Arc::new(VmControl::new().unwrap());
-        // A stand-in vCPU thread that runs the checkpoint in a loop.
-        let spins = Arc::new(AtomicU64::new(0));
-        let (s, c, n) = (state.clone(), control.clone(), spins.clone());
-        let t = std::thread::spawn(move || {
-            while !c.is_stopping() {
-                s.vcpu_checkpoint(&c);
-                n.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        // Kicks are sent to registered threads; the handler is installed for them.
-        crate::cpu::vcpu::install_kick_handler().unwrap();
-        {
-            use std::os::unix::thread::JoinHandleExt;
-            state.set_vcpu_threads(vec![t.as_pthread_t()]);
-        }
-        state.pause(&control).unwrap();
-        let frozen = spins.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(spins.load(Ordering::Relaxed), frozen, "a paused vCPU must not run");
-        assert!(state.stats().paused);
-        state.resume();
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(spins.load(Ordering::Relaxed) > frozen, "resume must release the vCPU");
-        state.clear_vcpu_threads();
-        control.request_exit(ExitReason::PowerOff);
-        t.join().unwrap();
     }
 }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::virtio::net::Mac;
+pub use crate::types::Mac;
 
 /// Most virtio devices one guest may have (the MMIO windows and interrupt lines reserved).
 pub const MAX_VIRTIO_DEVICES: usize = 16;

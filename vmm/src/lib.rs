@@ -40,6 +40,7 @@ pub mod config;
 pub mod control;
 pub mod cpu;
 pub mod device_config;
+pub mod device_counters;
 pub mod devices;
 pub mod error;
 pub mod event_loop;

@@ -3,7 +3,7 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::config::MemorySize;
+use crate::types::MemorySize;
 
 /// Guest RAM as mapped into this process.
 pub type GuestMemory = GuestMemoryMmap<()>;

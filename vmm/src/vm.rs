@@ -58,7 +58,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: SerialInput,
     /// The control socket's shared state, and where to serve it (`--api-socket`).
-    api: Arc<crate::api::ControlState>,
+    api: Arc<crate::cpu::pause::ControlState>,
     api_socket: Option<std::path::PathBuf>,
 }
 
@@ -193,7 +193,7 @@ impl Vm {
             i8042: devices.i8042,
             serial: devices.serial,
             serial_input: devices.serial_input,
-            api: Arc::new(crate::api::ControlState::new()),
+            api: Arc::new(crate::cpu::pause::ControlState::new()),
             api_socket: None,
         })
     }
@@ -222,7 +222,10 @@ impl Vm {
         if self.config.seccomp {
             crate::seccomp::install()?;
         }
-        vcpu::install_kick_handler()?;
+        crate::cpu::kick::install_kick_handler().map_err(|reason| Error::Io {
+            what: "installing the vCPU kick signal handler",
+            reason,
+        })?;
         let signals = SignalGuard::block_stop_signals()?;
         let input_stop = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io {
             what: "creating an eventfd",
@@ -301,7 +304,7 @@ impl Vm {
         self.control.request_exit(ExitReason::Killed);
         for t in &threads {
             // A thread that already ended cannot be signalled; that is fine.
-            let _ = t.kill(vcpu::kick_signal());
+            let _ = t.kill(crate::cpu::kick::kick_signal());
         }
         for t in threads {
             let _ = t.join();

@@ -1,7 +1,9 @@
 //! vCPU setup (CPUID, MSRs, registers, LAPIC) and the per-vCPU run loop.
 
 pub mod cpuid;
+pub mod kick;
 pub mod msr;
+pub mod pause;
 pub mod regs;
 pub mod vcpu;
 

@@ -6,15 +6,13 @@
 //! KVM_RUN that was about to start returns at once instead of losing the wakeup, and one
 //! already running returns with EINTR; the loop then sees the flag and ends.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
-use super::{CpuError, cpuid, msr, regs};
+use super::{CpuError, cpuid, kick, msr, regs};
 use crate::bus::Bus;
 use crate::control::{ExitReason, VmControl};
 
@@ -24,7 +22,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub control: Arc<VmControl>,
     /// Pause/resume from the control socket (`crate::api`).
-    pub api: Arc<crate::api::ControlState>,
+    pub api: Arc<super::pause::ControlState>,
 }
 
 /// A created and configured vCPU, not yet running.
@@ -60,42 +58,6 @@ impl Vcpu {
         regs::set_lint_pins(&fd, id)?;
         Ok(Vcpu { id, fd })
     }
-}
-
-/// The real-time signal used to kick vCPU threads out of KVM_RUN.
-pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-thread_local! {
-    /// This thread's kvm_run, for the kick handler. Null when no vCPU runs here.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Async-signal-safe: a const thread-local read and one byte store.
-    KVM_RUN.with(|run| {
-        let ptr = run.get();
-        if !ptr.is_null() {
-            // SAFETY: the pointer is this thread's live kvm_run mapping; it is cleared
-            // before the mapping goes away.
-            unsafe { (*ptr).immediate_exit = 1 };
-        }
-    });
-}
-
-/// Installs the kick handler (idempotent).
-pub fn install_kick_handler() -> Result<(), crate::error::Error> {
-    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            register_signal_handler(kick_signal(), kick_handler).map_err(|e| crate::os_error::errno_message(&e))
-        })
-        .clone()
-        .map_err(|reason| crate::error::Error::Io {
-            what: "installing the vCPU kick signal handler",
-            reason,
-        })
 }
 
 /// Starts the vCPU's thread.
@@ -166,7 +128,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
         control: &ctx.control,
     };
     let run_ptr: *mut kvm_run = vcpu.fd.get_kvm_run();
-    KVM_RUN.with(|r| r.set(run_ptr));
+    kick::set_current_run(run_ptr);
     let mut stats = ExitStats::default();
     let count = tracing::enabled!(tracing::Level::DEBUG);
     while !ctx.control.is_stopping() {
@@ -200,7 +162,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
             }
         }
     }
-    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    kick::set_current_run(std::ptr::null_mut());
     stats.log(vcpu.id);
 }
 

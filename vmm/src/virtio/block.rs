@@ -21,8 +21,8 @@ use vm_memory::VolatileSlice;
 
 use super::queue_handler::{self, Chain, IovecBuf};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice, read_config_bytes};
-use crate::api::{DeviceCounters, DeviceKind};
 pub use crate::device_config::DiskConfig;
+use crate::device_counters::{DeviceCounters, DeviceKind};
 use crate::memory::GuestMemory;
 use crate::os_error::os_message;
 

@@ -14,6 +14,10 @@
 
 pub mod attach;
 pub mod block;
+/// A test-side virtio driver (builds rings in guest memory, `expect`s on misuse): for
+/// unit tests, and for integration tests and benches through the `test-driver`
+/// feature (keel-vmm's dev-dependency on itself turns it on); never in the binary.
+#[cfg(any(test, feature = "test-driver"))]
 pub mod driver;
 pub mod mmio;
 pub mod net;

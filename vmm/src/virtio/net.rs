@@ -25,7 +25,7 @@ use virtio_queue::QueueT;
 use super::queue_handler::{self, Chain, IovecBuf, Segment};
 use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{COMMON_FEATURES, ExtraFd, NeedsReset, QueueContext, VirtioDevice, has_feature, read_config_bytes};
-use crate::api::{DeviceCounters, DeviceKind};
+use crate::device_counters::{DeviceCounters, DeviceKind};
 pub use crate::types::Mac;
 
 pub const RX_QUEUE: usize = 0;
