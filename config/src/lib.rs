@@ -85,11 +85,48 @@ pub fn parse_str(text: &str) -> Result<Loaded, Diagnostics> {
     }
 }
 
-/// Reads and validates a config file.
+/// Reads and validates a config file: at most [`yaml::MAX_BYTES`] (never more is
+/// read), UTF-8 (the first bad byte is reported at its line and column).
 pub fn load_file(path: &Path) -> Result<Loaded, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    use std::io::Read;
+    let io = |source| LoadError::Io {
         path: path.to_owned(),
         source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(yaml::MAX_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    let invalid = |pos: yaml::Pos, message: String| {
+        let mut diagnostics = Diagnostics::default();
+        diagnostics.error(pos, message);
+        LoadError::Invalid {
+            path: path.to_owned(),
+            diagnostics,
+        }
+    };
+    if bytes.len() > yaml::MAX_BYTES {
+        return Err(invalid(
+            yaml::Pos::new(1, 1),
+            format!(
+                "the file is larger than {} bytes (1 MiB), the most a config may be",
+                yaml::MAX_BYTES
+            ),
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Columns count characters, as editors do.
+        let col = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+        invalid(
+            yaml::Pos::new(line, col),
+            format!(
+                "byte {} is not UTF-8; a config is UTF-8 text",
+                e.utf8_error().valid_up_to()
+            ),
+        )
     })?;
     parse_str(&text).map_err(|diagnostics| LoadError::Invalid {
         path: path.to_owned(),

@@ -87,8 +87,28 @@ pub struct SyntaxError {
     pub message: String,
 }
 
-/// Reads one YAML document. An empty file is an empty mapping.
+/// Largest config text read: a real keel.yaml is a few KiB.
+pub const MAX_BYTES: usize = 1 << 20;
+/// Deepest nesting of lists and mappings (a keel.yaml needs about 6).
+pub const MAX_DEPTH: usize = 64;
+/// Most nodes in the tree with every alias expanded where it is used: bounds the
+/// tree's memory (an alias is a copy) whatever a file's anchors and aliases multiply
+/// to ("billion laughs").
+pub const MAX_NODES: usize = 100_000;
+
+/// Reads one YAML document. An empty file is an empty mapping. Bounded: at most
+/// [`MAX_BYTES`] of text, [`MAX_DEPTH`] levels and [`MAX_NODES`] nodes once aliases are
+/// expanded; past any of them it stops with an error at the place it gave up.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    if text.len() > MAX_BYTES {
+        return Err(SyntaxError {
+            pos: Pos::new(1, 1),
+            message: format!(
+                "the file is {} bytes; a config is at most {MAX_BYTES} bytes (1 MiB)",
+                text.len()
+            ),
+        });
+    }
     let mut builder = TreeBuilder::default();
     for event in Parser::new_from_str(text) {
         let (event, span) = event.map_err(|e| SyntaxError {
@@ -102,14 +122,21 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
 
 enum Open {
     Seq(Pos, usize, Vec<Node>),
-    Map(Pos, usize, Vec<(Key, Node)>, Option<Key>),
+    /// Entries, the key waiting for its value, and the keys seen (duplicates are found
+    /// in constant time: a map with many keys must not cost quadratic time).
+    Map(Pos, usize, Vec<(Key, Node)>, Option<Key>, HashMap<String, Pos>),
 }
 
 #[derive(Default)]
 struct TreeBuilder {
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    /// Each anchored node with how many nodes it counts for when an alias repeats it.
+    anchors: HashMap<usize, (Node, usize)>,
     documents: Vec<Node>,
+    /// Nodes so far, aliases counted at their expanded size.
+    nodes: usize,
+    /// The node count at each open collection's start, to size it when it ends.
+    starts: Vec<usize>,
 }
 
 impl TreeBuilder {
@@ -117,6 +144,7 @@ impl TreeBuilder {
         let pos = Pos::from_span(span);
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
+                self.count(1, pos)?;
                 let node = Node {
                     value: Value::Scalar(Scalar {
                         text: text.into_owned(),
@@ -126,11 +154,16 @@ impl TreeBuilder {
                 };
                 self.complete(node, anchor)
             }
-            Event::Alias(id) => match self.anchors.get(&id) {
-                Some(node) => {
+            Event::Alias(id) => match self.anchors.get(&id).map(|(_, size)| *size) {
+                Some(size) => {
+                    // Counted before it is copied, so a bomb is refused before it grows.
+                    self.count(size, pos)?;
+                    let Some((node, _)) = self.anchors.get(&id) else {
+                        return Ok(());
+                    };
                     // An alias stands where it is used: report positions there.
                     let node = Node { pos, ..node.clone() };
-                    self.complete(node, 0)
+                    self.complete_sized(node, 0, size)
                 }
                 None => Err(SyntaxError {
                     pos,
@@ -138,15 +171,18 @@ impl TreeBuilder {
                 }),
             },
             Event::SequenceStart(anchor, _) => {
+                self.open(pos)?;
                 self.stack.push(Open::Seq(pos, anchor, Vec::new()));
                 Ok(())
             }
             Event::MappingStart(anchor, _) => {
-                self.stack.push(Open::Map(pos, anchor, Vec::new(), None));
+                self.open(pos)?;
+                self.stack
+                    .push(Open::Map(pos, anchor, Vec::new(), None, HashMap::new()));
                 Ok(())
             }
             Event::SequenceEnd => match self.stack.pop() {
-                Some(Open::Seq(pos, anchor, items)) => self.complete(
+                Some(Open::Seq(pos, anchor, items)) => self.close(
                     Node {
                         value: Value::Seq(items),
                         pos,
@@ -159,7 +195,7 @@ impl TreeBuilder {
                 }),
             },
             Event::MappingEnd => match self.stack.pop() {
-                Some(Open::Map(pos, anchor, entries, _)) => self.complete(
+                Some(Open::Map(pos, anchor, entries, _, _)) => self.close(
                     Node {
                         value: Value::Map(entries),
                         pos,
@@ -177,15 +213,55 @@ impl TreeBuilder {
         }
     }
 
-    /// Places a finished node in its parent (or as a document).
+    /// Counts `n` more nodes; past [`MAX_NODES`] the file is refused at `pos`.
+    fn count(&mut self, n: usize, pos: Pos) -> Result<(), SyntaxError> {
+        self.nodes = self.nodes.saturating_add(n);
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                pos,
+                message: format!(
+                    "more than {MAX_NODES} values once aliases are expanded; a config this large is refused \
+                     (are anchors and aliases multiplying each other?)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A list or mapping starts at `pos`: one node, one level deeper.
+    fn open(&mut self, pos: Pos) -> Result<(), SyntaxError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(SyntaxError {
+                pos,
+                message: format!("lists and mappings nest more than {MAX_DEPTH} deep"),
+            });
+        }
+        self.count(1, pos)?;
+        self.starts.push(self.nodes - 1);
+        Ok(())
+    }
+
+    /// A list or mapping ends: placed with its size (itself and everything in it).
+    fn close(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
+        let start = self.starts.pop().unwrap_or(0);
+        let size = self.nodes - start;
+        self.complete_sized(node, anchor, size)
+    }
+
+    /// Places a finished scalar in its parent (or as a document).
     fn complete(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
+        self.complete_sized(node, anchor, 1)
+    }
+
+    /// Places a finished node of `size` nodes in its parent (or as a document).
+    fn complete_sized(&mut self, node: Node, anchor: usize, size: usize) -> Result<(), SyntaxError> {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), size));
         }
         match self.stack.last_mut() {
             None => self.documents.push(node),
             Some(Open::Seq(_, _, items)) => items.push(node),
-            Some(Open::Map(_, _, entries, pending)) => match pending.take() {
+            Some(Open::Map(_, _, entries, pending, keys)) => match pending.take() {
                 None => {
                     let Value::Scalar(s) = &node.value else {
                         return Err(SyntaxError {
@@ -193,12 +269,13 @@ impl TreeBuilder {
                             message: format!("mapping keys must be plain names, found {}", node.kind()),
                         });
                     };
-                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == s.text) {
+                    if let Some(first) = keys.get(&s.text) {
                         return Err(SyntaxError {
                             pos: node.pos,
-                            message: format!("duplicate key `{}` (first defined at {})", s.text, first.pos),
+                            message: format!("duplicate key `{}` (first defined at {first})", s.text),
                         });
                     }
+                    keys.insert(s.text.clone(), node.pos);
                     *pending = Some(Key {
                         name: s.text.clone(),
                         pos: node.pos,

@@ -111,6 +111,28 @@ guests:
     let alpha = app.status("alpha");
     assert_eq!((state(&alpha), alpha["memory"].as_str()), ("running", Some("32MiB")));
 
+    // A config built to exhaust memory (10^9 values once its aliases are expanded)
+    // is refused the same way, quickly, and keel-init stays responsive.
+    let mut bomb = String::from("version: 1\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    let bomb_file = write(&app, "bomb.yaml", &bomb);
+    let t = std::time::Instant::now();
+    let out = app.keelctl(&["apply", &bomb_file]);
+    println!("alias bomb refused in {:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bomb.yaml:") && err.contains("once aliases are expanded"),
+        "{err}"
+    );
+    assert_eq!(stored(), CONFIG);
+    assert!(app.ok(&["list"]).contains("alpha"));
+
     // A real apply of a config that only adds and removes (no slow graceful
     // restarts): gamma starts, beta is forgotten, alpha is untouched.
     let add_only = next.replace("memory: 48MiB", "memory: 32MiB");
