@@ -358,13 +358,8 @@ impl Supervisor {
                         slot.spec.start_timeout.value
                     );
                     report_stuck(name, pid, &failure, &slot.vmm_log);
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                     slot.failure = Some(failure);
-                    slot.state = State::Stopping {
-                        pid,
-                        deadline: now + KILL_GRACE,
-                        killed: true,
-                    };
+                    slot.state = kill_vmm(pid, now);
                     changed = true;
                 }
                 State::Stopping {
@@ -376,13 +371,8 @@ impl Supervisor {
                         guest = name.as_str(),
                         "guest did not stop in time; killing its keel-vmm"
                     );
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                     slot.stop_note = Some("it did not stop in time: its keel-vmm was killed".into());
-                    slot.state = State::Stopping {
-                        pid,
-                        deadline: now + KILL_GRACE,
-                        killed: true,
-                    };
+                    slot.state = kill_vmm(pid, now);
                     changed = true;
                 }
                 State::Stopping {
@@ -421,6 +411,16 @@ impl Supervisor {
                 _ => None,
             })
             .min()
+    }
+}
+
+/// SIGKILLs a guest's VMM: the state that waits [`KILL_GRACE`] for it to be reaped.
+fn kill_vmm(pid: i32, now: Instant) -> State {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    State::Stopping {
+        pid,
+        deadline: now + KILL_GRACE,
+        killed: true,
     }
 }
 
