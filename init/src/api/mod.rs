@@ -22,6 +22,7 @@
 
 pub mod client;
 pub mod config_store;
+mod guests;
 pub mod host;
 pub mod metrics;
 pub mod plan;
