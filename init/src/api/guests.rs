@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
-use super::server::{ApiError, Body, START_WAIT, STOP_SLACK, flag, json, number, seconds, text};
+use super::http::{ApiError, Body, START_WAIT, STOP_SLACK, flag, json, number, seconds, text};
 use super::{ApiContext, CONSOLE_PROTOCOL, GuestDetail};
 use crate::guest::vmm_control::{self, Op};
 use crate::guest::{AfterStop, DEFAULT_STOP_TIMEOUT, OpError, State};

@@ -24,6 +24,7 @@ pub mod client;
 pub mod config_store;
 mod guests;
 pub mod host;
+mod http;
 pub mod metrics;
 pub mod plan;
 mod server;

@@ -8,29 +8,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, info, warn};
 
 use super::guests;
+use super::http::{ApiError, Body, STOP_SLACK, flag, json, seconds, text};
 use super::{ApiContext, AppliedConfig, ApplyResult, ErrorBody, config_store, host, metrics, plan};
 use crate::guest::vmm_control;
-use crate::guest::{DEFAULT_STOP_TIMEOUT, OpError, StopHandle};
-
-pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
+use crate::guest::{DEFAULT_STOP_TIMEOUT, StopHandle};
 
 /// Largest config accepted by `POST /v1/config`.
 const MAX_BODY: usize = 1 << 20;
-/// How long `start` waits for the VMM to come up before answering.
-pub(super) const START_WAIT: Duration = Duration::from_secs(15);
-/// Extra time, past a stop's own timeout, allowed for the kill and the reaping.
-pub(super) const STOP_SLACK: Duration = Duration::from_secs(8);
 
 /// Who is on the other end of a connection.
 #[derive(Clone)]
@@ -134,52 +127,6 @@ where
     }
 }
 
-/// An error answer.
-pub(super) struct ApiError {
-    status: StatusCode,
-    body: ErrorBody,
-}
-
-impl ApiError {
-    pub(super) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            body: ErrorBody {
-                error: msg.into(),
-                details: Vec::new(),
-            },
-        }
-    }
-}
-
-impl From<OpError> for ApiError {
-    fn from(e: OpError) -> Self {
-        let status = match e {
-            OpError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
-            OpError::WrongState { .. } | OpError::Blocked { .. } => StatusCode::CONFLICT,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-pub(super) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
-    let text = serde_json::to_vec_pretty(v).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(text)).boxed_unsync())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
-}
-
-pub(super) fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()).boxed_unsync())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
-}
-
-/// `true` for constant-time equal byte strings (no early exit on the first difference).
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
@@ -225,31 +172,6 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
             None => (p.to_string(), String::new()),
         })
         .collect()
-}
-
-pub(super) fn flag(q: &HashMap<String, String>, key: &str) -> bool {
-    q.get(key)
-        .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"))
-}
-
-pub(super) fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<Option<T>, ApiError> {
-    q.get(key)
-        .map(|v| {
-            v.parse::<T>()
-                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("query `{key}={v}`: expected a number")))
-        })
-        .transpose()
-}
-
-pub(super) fn seconds(q: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, ApiError> {
-    match number::<f64>(q, key)? {
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(_) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("query `{key}`: expected seconds, 0 or more"),
-        )),
-        None => Ok(None),
-    }
 }
 
 async fn route(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
