@@ -15,21 +15,21 @@ use hyper::{Response, StatusCode};
 use super::ErrorBody;
 use crate::guest::OpError;
 
-pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// How long `start` waits for the VMM to come up before answering.
-pub(crate) const START_WAIT: Duration = Duration::from_secs(15);
+pub(super) const START_WAIT: Duration = Duration::from_secs(15);
 /// Extra time, past a stop's own timeout, allowed for the kill and the reaping.
-pub(crate) const STOP_SLACK: Duration = Duration::from_secs(8);
+pub(super) const STOP_SLACK: Duration = Duration::from_secs(8);
 
 /// An error answer.
-pub(crate) struct ApiError {
-    pub(crate) status: StatusCode,
-    pub(crate) body: ErrorBody,
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) body: ErrorBody,
 }
 
 impl ApiError {
-    pub(crate) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         ApiError {
             status,
             body: ErrorBody {
@@ -50,16 +50,15 @@ impl From<OpError> for ApiError {
     }
 }
 
-pub(crate) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
-    let text = serde_json::to_vec_pretty(v).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(text)).boxed_unsync())
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+pub(super) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    text(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
 }
 
-pub(crate) fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+pub(super) fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, content_type)
@@ -67,12 +66,12 @@ pub(crate) fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
 }
 
-pub(crate) fn flag(q: &HashMap<String, String>, key: &str) -> bool {
+pub(super) fn flag(q: &HashMap<String, String>, key: &str) -> bool {
     q.get(key)
         .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"))
 }
 
-pub(crate) fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<Option<T>, ApiError> {
+pub(super) fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<Option<T>, ApiError> {
     q.get(key)
         .map(|v| {
             v.parse::<T>()
@@ -81,7 +80,7 @@ pub(crate) fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &st
         .transpose()
 }
 
-pub(crate) fn seconds(q: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, ApiError> {
+pub(super) fn seconds(q: &HashMap<String, String>, key: &str) -> Result<Option<Duration>, ApiError> {
     match number::<f64>(q, key)? {
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
         Some(_) => Err(ApiError::new(
