@@ -79,7 +79,11 @@ impl Environment {
 }
 
 /// Runs the appliance. Never returns.
-pub fn run() -> ! {
+///
+/// `kernel_words` are the command-line words the kernel did not recognise and passed on
+/// to init as arguments (e.g. `nokaslr`, `single`): they are logged, never refused, since
+/// PID 1 must not exit over them.
+pub fn run(kernel_words: &[String]) -> ! {
     let mount_failures = mounts::mount_early();
     let console = mounts::reopen_console();
     let level = Arc::new(crate::logging::init());
@@ -90,6 +94,9 @@ pub fn run() -> ! {
         "keel-init started as PID 1 (Keel {})",
         crate::api::host::os_version(Path::new(layout::OS_RELEASE)).unwrap_or_else(|| "unknown version".into())
     );
+    if !kernel_words.is_empty() {
+        info!("kernel command-line words passed to init (ignored): {}", kernel_words.join(" "));
+    }
     for f in mount_failures {
         warn!("early mount: {f}");
     }

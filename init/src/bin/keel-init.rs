@@ -30,13 +30,17 @@ Example:
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As PID 1 every argument is a kernel command-line word the kernel did not know
+    // (`nokaslr`, `single`, ...): refusing one would panic the kernel.
+    if std::process::id() == 1 {
+        keel_init::pid1::run(&args);
+    }
     match args.first().map(String::as_str) {
         Some("--help" | "-h") => print!("{HELP}"),
         Some("--version" | "-V") => println!("keel-init {}", env!("CARGO_PKG_VERSION")),
         Some("--test-mode") => std::process::exit(test_mode(&args[1..])),
         Some(other) => usage_error(&format!("unknown argument `{other}`")),
-        None if std::process::id() != 1 => usage_error("must run as PID 1 (the appliance's init), or with --test-mode"),
-        None => keel_init::pid1::run(),
+        None => usage_error("must run as PID 1 (the appliance's init), or with --test-mode"),
     }
 }
 
