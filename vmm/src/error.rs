@@ -30,6 +30,9 @@ pub enum Error {
     Io { what: &'static str, reason: String },
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Saving or restoring VM state (see `crate::persist`).
+    #[error("VM state: {0}")]
+    State(#[from] crate::state_error::StateError),
     /// The guest did something the VMM cannot continue from (entry failure, emulation
     /// failure, unexpected exit); the message carries the vCPU registers.
     #[error("{0}")]

@@ -5,6 +5,7 @@ pub mod kick;
 pub mod msr;
 pub mod pause;
 pub mod regs;
+pub mod state;
 pub mod vcpu;
 
 /// Setting up a vCPU failed: which step, and KVM's answer.
@@ -18,6 +19,8 @@ pub enum CpuError {
     MsrList(String),
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str),
+    #[error("vCPU state: {0}")]
+    State(#[from] crate::state_error::StateError),
 }
 
 impl CpuError {

@@ -1,13 +1,19 @@
 //! Pausing and resuming the vCPUs: the state the vCPU threads check before each
 //! KVM_RUN and the control socket's `pause`/`resume` set. It lives with the vCPUs;
 //! the socket server only calls it.
+//!
+//! While paused, [`ControlState::capture_vcpus`] has every parked vCPU thread take its
+//! own state ([`VcpuState`]): the thread owns its `VcpuFd`, and KVM wants a vCPU's
+//! pending I/O completed by the thread that ran it before its registers are read.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::state::VcpuState;
 use crate::bus::lock;
 use crate::control::VmControl;
+use crate::state_error::StateError;
 
 /// How long `pause` waits for every vCPU to leave the guest.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,6 +23,10 @@ struct PauseState {
     paused: bool,
     /// vCPU threads currently waiting in [`ControlState::vcpu_checkpoint`].
     parked: usize,
+    /// Bumped by each [`ControlState::capture_vcpus`]; a parked thread that has not yet
+    /// answered this generation takes its state.
+    capture: u64,
+    captured: Vec<Result<VcpuState, String>>,
 }
 
 /// What the control socket shares with the vCPU threads and the main thread.
@@ -48,14 +58,26 @@ impl ControlState {
     /// Called by each vCPU thread before every KVM_RUN: waits here while the VM is
     /// paused. The wait re-checks `control` so a stop ends a paused VM too (a
     /// condvar does not notice the kick signal).
-    pub fn vcpu_checkpoint(&self, control: &VmControl) {
+    ///
+    /// `capture` takes this vCPU's state when [`Self::capture_vcpus`] asks for it.
+    pub fn vcpu_checkpoint(&self, control: &VmControl, capture: &mut dyn FnMut() -> Result<VcpuState, StateError>) {
         let mut st = lock(&self.pause);
         if !st.paused {
             return;
         }
         st.parked += 1;
+        let mut answered = st.capture;
         self.changed.notify_all();
         while st.paused && !control.is_stopping() {
+            if st.capture != answered {
+                answered = st.capture;
+                drop(st);
+                let taken = capture().map_err(|e| e.to_string());
+                st = lock(&self.pause);
+                st.captured.push(taken);
+                self.changed.notify_all();
+                continue;
+            }
             st = match self.changed.wait_timeout(st, Duration::from_millis(50)) {
                 Ok((guard, _)) => guard,
                 Err(poisoned) => poisoned.into_inner().0,
@@ -120,6 +142,45 @@ impl ControlState {
         Ok(())
     }
 
+    /// Has every parked vCPU take its state (see the module doc); the VM must be
+    /// paused. The states come back ordered by vCPU id.
+    pub fn capture_vcpus(&self, control: &VmControl) -> Result<Vec<VcpuState>, StateError> {
+        let threads = lock(&self.vcpu_threads).len();
+        let mut st = lock(&self.pause);
+        if !st.paused || st.parked < threads {
+            return Err(StateError::Invalid {
+                what: "vCPU state",
+                reason: "the VM must be paused before its state is taken".into(),
+            });
+        }
+        st.capture += 1;
+        st.captured.clear();
+        self.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while st.captured.len() < threads {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || control.is_stopping() {
+                return Err(StateError::Kvm {
+                    what: "vCPU state",
+                    reason: format!("only {} of {threads} vCPUs gave their state", st.captured.len()),
+                });
+            }
+            st = match self.changed.wait_timeout(st, left.min(Duration::from_millis(50))) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        let mut states = std::mem::take(&mut st.captured)
+            .into_iter()
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|reason| StateError::Kvm {
+                what: "vCPU state",
+                reason,
+            })?;
+        states.sort_by_key(|s| s.id);
+        Ok(states)
+    }
+
     pub fn resume(&self) {
         lock(&self.pause).paused = false;
         self.changed.notify_all();
@@ -143,7 +204,12 @@ mod tests {
         let (s, c, n) = (state.clone(), control.clone(), spins.clone());
         let t = std::thread::spawn(move || {
             while !c.is_stopping() {
-                s.vcpu_checkpoint(&c);
+                s.vcpu_checkpoint(&c, &mut || {
+                    Err(StateError::Invalid {
+                        what: "stand-in vCPU",
+                        reason: "has no state".into(),
+                    })
+                });
                 n.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
             }

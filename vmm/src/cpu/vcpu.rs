@@ -12,9 +12,11 @@ use std::thread::JoinHandle;
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
+use super::state::{VcpuState, complete_pending_io};
 use super::{CpuError, cpuid, kick, msr, regs};
 use crate::bus::Bus;
 use crate::control::{ExitReason, VmControl};
+use crate::state_error::StateError;
 
 /// What a vCPU thread needs to handle exits.
 pub struct VcpuContext {
@@ -29,34 +31,59 @@ pub struct VcpuContext {
 pub struct Vcpu {
     pub id: u8,
     fd: VcpuFd,
+    /// The MSRs KVM can save (`KVM_GET_MSR_INDEX_LIST`), for [`Vcpu::save`].
+    msr_indexes: Vec<u32>,
+}
+
+/// What creating any vCPU of a VM takes, booted or restored.
+pub struct VcpuSetup<'a> {
+    pub cpus: u8,
+    pub supported_cpuid: &'a CpuId,
+    pub tsc_deadline: bool,
+    pub supported_msrs: &'a [u32],
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` and gives it its CPUID, MSRs, FPU and LAPIC state. The boot
-    /// processor (`entry` given) also gets the 64-bit entry state; the others wait in
-    /// KVM for the guest's INIT/SIPI, as on real hardware.
-    pub fn new(
-        vm: &VmFd,
-        id: u8,
-        cpus: u8,
-        supported_cpuid: &CpuId,
-        tsc_deadline: bool,
-        supported_msrs: &[u32],
-        entry: Option<u64>,
-    ) -> Result<Self, CpuError> {
+    /// Creates vCPU `id` with its CPUID: the part a booted and a restored vCPU share.
+    fn create(vm: &VmFd, id: u8, setup: &VcpuSetup<'_>) -> Result<Self, CpuError> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(CpuError::setup(id, "KVM_CREATE_VCPU"))?;
-        let table = cpuid::for_vcpu(supported_cpuid, id, cpus, tsc_deadline)?;
+        let table = cpuid::for_vcpu(setup.supported_cpuid, id, setup.cpus, setup.tsc_deadline)?;
         fd.set_cpuid2(&table).map_err(CpuError::setup(id, "KVM_SET_CPUID2"))?;
-        msr::set_boot_msrs(&fd, id, supported_msrs)?;
-        regs::set_fpu(&fd, id)?;
+        Ok(Vcpu {
+            id,
+            fd,
+            msr_indexes: setup.supported_msrs.to_vec(),
+        })
+    }
+
+    /// Creates vCPU `id` and gives it its MSRs, FPU and LAPIC state at boot. The boot
+    /// processor (`entry` given) also gets the 64-bit entry state; the others wait in
+    /// KVM for the guest's INIT/SIPI, as on real hardware.
+    pub fn new(vm: &VmFd, id: u8, setup: &VcpuSetup<'_>, entry: Option<u64>) -> Result<Self, CpuError> {
+        let vcpu = Self::create(vm, id, setup)?;
+        msr::set_boot_msrs(&vcpu.fd, id, setup.supported_msrs)?;
+        regs::set_fpu(&vcpu.fd, id)?;
         if let Some(entry) = entry {
-            regs::set_boot_sregs(&fd, id)?;
-            regs::set_boot_regs(&fd, id, entry)?;
+            regs::set_boot_sregs(&vcpu.fd, id)?;
+            regs::set_boot_regs(&vcpu.fd, id, entry)?;
         }
-        regs::set_lint_pins(&fd, id)?;
-        Ok(Vcpu { id, fd })
+        regs::set_lint_pins(&vcpu.fd, id)?;
+        Ok(vcpu)
+    }
+
+    /// Creates vCPU `state.id` and puts the saved state into it.
+    pub fn restore(vm: &VmFd, setup: &VcpuSetup<'_>, state: &VcpuState) -> Result<Self, CpuError> {
+        let vcpu = Self::create(vm, state.id, setup)?;
+        state.apply(&vcpu.fd)?;
+        Ok(vcpu)
+    }
+
+    /// This vCPU's state, taken on the thread that owns it (it is not running).
+    pub fn save(&mut self) -> Result<VcpuState, StateError> {
+        complete_pending_io(&mut self.fd)?;
+        VcpuState::capture(&self.fd, self.id, &self.msr_indexes)
     }
 }
 
@@ -132,7 +159,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext) {
     let mut stats = ExitStats::default();
     let count = tracing::enabled!(tracing::Level::DEBUG);
     while !ctx.control.is_stopping() {
-        ctx.api.vcpu_checkpoint(&ctx.control);
+        ctx.api.vcpu_checkpoint(&ctx.control, &mut || vcpu.save());
         if count {
             // SAFETY: reading the exit reason and address of the last exit.
             let (reason, port, mmio) = unsafe {

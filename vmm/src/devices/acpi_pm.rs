@@ -10,12 +10,18 @@
 //! The fixed-feature power button lives here too: pressing it sets PWRBTN_STS and, when
 //! the guest enabled PWRBTN_EN (Linux's ACPI button driver does), raises the SCI. The
 //! guest acknowledges by writing 1 to the status bit.
+//!
+//! Saved state ([`AcpiPmState`]) is the three registers; a press pending when the VM
+//! was saved is delivered after the restore.
 
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
 use crate::control::{ExitReason, VmControl};
 use crate::devices::IrqLine;
+use crate::state_error::StateError;
 
 /// Base I/O port: PM1a_EVT_BLK (status, enable) then PM1a_CNT_BLK.
 pub const PM_BASE: u16 = 0x600;
@@ -127,6 +133,53 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The three PM1 registers as the guest left them. Whether the power button is armed
+/// is PWRBTN_EN in `enable`; a press the guest has not acknowledged is PWRBTN_STS in
+/// `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
+impl AcpiPm {
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// Puts the registers back. An enabled event still pending (a power-button press
+    /// not yet acknowledged) raises the SCI again: the guest's handler reads PM1 status
+    /// and finds it, or finds it handled already and ignores the interrupt.
+    pub fn restore(&mut self, state: &AcpiPmState) -> Result<(), StateError> {
+        let invalid = |reason: String| StateError::Invalid {
+            what: "ACPI PM",
+            reason,
+        };
+        // The device sets no status bit but the power button's.
+        if state.status & !PWRBTN != 0 {
+            return Err(invalid(format!(
+                "PM1 status {:#x}: only the power button ({PWRBTN:#x}) is ever set",
+                state.status
+            )));
+        }
+        // SLP_EN is acted on and cleared within the write that sets it.
+        if state.control & SLP_EN != 0 {
+            return Err(invalid(format!("PM1 control {:#x} holds SLP_EN", state.control)));
+        }
+        self.status = state.status;
+        self.enable = state.enable;
+        self.control = state.control;
+        self.update_sci();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +220,87 @@ mod tests {
         assert!(pm.press_power_button());
         assert_eq!(pm.sci().eventfd().read().unwrap(), 1);
         assert!(!vm.is_stopping());
+    }
+
+    fn fresh() -> AcpiPm {
+        AcpiPm::new(Arc::new(VmControl::new().unwrap()), IrqLine::new(9).unwrap())
+    }
+
+    fn reg(pm: &mut AcpiPm, offset: u64) -> u16 {
+        let mut word = [0u8; 2];
+        pm.read(offset, &mut word);
+        u16::from_le_bytes(word)
+    }
+
+    /// Power button armed and pressed (not acknowledged), a GPE-style enable bit and
+    /// SLP_TYP bits written.
+    fn pressed() -> AcpiPm {
+        let mut pm = fresh();
+        pm.write(OFFSET_ENABLE, &(PWRBTN | 0x20).to_le_bytes());
+        pm.write(OFFSET_CONTROL, &(SCI_EN | 5 << 10).to_le_bytes());
+        assert!(pm.press_power_button());
+        pm
+    }
+
+    #[test]
+    fn restored_pm_keeps_registers_and_delivers_a_pending_press() {
+        let saved = pressed().state();
+        let mut pm = fresh();
+        pm.restore(&saved).unwrap();
+        assert_eq!(
+            pm.sci().eventfd().read().unwrap(),
+            1,
+            "the pending press raises the SCI"
+        );
+        assert!(pm.power_button_armed());
+        assert_eq!(reg(&mut pm, OFFSET_STATUS), PWRBTN);
+        assert_eq!(reg(&mut pm, OFFSET_ENABLE), PWRBTN | 0x20);
+        assert_eq!(reg(&mut pm, OFFSET_CONTROL), SCI_EN | 5 << 10);
+        pm.write(OFFSET_STATUS, &PWRBTN.to_le_bytes());
+        assert_eq!(reg(&mut pm, OFFSET_STATUS), 0, "acknowledged");
+        assert!(pm.press_power_button());
+
+        // Nothing pending: no SCI on restore.
+        let mut quiet = fresh();
+        quiet.restore(&AcpiPmState { status: 0, ..saved }).unwrap();
+        assert!(quiet.sci().eventfd().read().is_err());
+        assert!(quiet.power_button_armed());
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let saved = pressed().state();
+        let json = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<AcpiPmState>(&json).unwrap(), saved);
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut pm = fresh();
+        for bad in [
+            AcpiPmState {
+                status: 1,
+                enable: 0,
+                control: SCI_EN,
+            },
+            AcpiPmState {
+                status: 0,
+                enable: 0,
+                control: SLP_EN | SCI_EN,
+            },
+        ] {
+            assert!(matches!(
+                pm.restore(&bad),
+                Err(StateError::Invalid { what: "ACPI PM", .. })
+            ));
+        }
+        assert_eq!(
+            pm.state(),
+            AcpiPmState {
+                status: 0,
+                enable: 0,
+                control: SCI_EN
+            }
+        );
     }
 }

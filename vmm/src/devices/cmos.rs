@@ -3,9 +3,13 @@
 //! Linux reads the wall clock here at boot, and its rtc_cmos driver waits seconds for an
 //! update cycle that never ends if the registers read 0xff. So this answers the host's
 //! current UTC time on every read, never reports "update in progress", and keeps the
-//! rest of the 128 bytes as plain NVRAM.
+//! rest of the 128 bytes as plain NVRAM. Saved state ([`CmosState`]) is the index and
+//! the NVRAM, never the time (see there why).
+
+use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
+use crate::state_error::StateError;
 
 pub const CMOS_PORT: u64 = 0x70;
 pub const CMOS_LEN: u64 = 2;
@@ -177,6 +181,51 @@ impl BusDevice for Cmos {
     }
 }
 
+/// The index register and all 128 bytes of NVRAM, registers A and B (rate, binary and
+/// 12/24-hour modes) among them; the bytes at the clock registers' indices are unused
+/// and carried as they are.
+///
+/// The time itself is not carried, on purpose: this RTC has none of its own, it answers
+/// the host's clock on every read. A restored guest (later, maybe on another host)
+/// must read the real time now, as a real machine's battery-backed clock would give
+/// after the machine was off; carrying the saved time would set its clock back by
+/// however long the VM was saved. (The guest's running time is kvmclock and the TSC,
+/// saved with the vCPUs and the VM.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmosState {
+    /// The selected register (the index port without its NMI-mask bit), < 128.
+    pub index: u8,
+    /// Exactly 128 bytes (a Vec: serde has no 128-element arrays).
+    pub nvram: Vec<u8>,
+}
+
+impl Cmos {
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// Puts the index and NVRAM back; the clock stays this device's (the host's).
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
+        let invalid = |reason: String| StateError::Invalid { what: "CMOS", reason };
+        let nvram: [u8; 128] = state
+            .nvram
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid(format!("{} NVRAM bytes, the device has 128", state.nvram.len())))?;
+        // Reads index the NVRAM with it: past 127 they would be out of bounds.
+        if usize::from(state.index) >= nvram.len() {
+            return Err(invalid(format!("index register {:#x} past the NVRAM", state.index)));
+        }
+        self.index = state.index;
+        self.nvram = nvram;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +265,59 @@ mod tests {
         assert_eq!(read(&mut c, REG_CENTURY), 0x20);
         assert_eq!(read(&mut c, REG_A) & 0x80, 0, "never update-in-progress");
         assert_eq!(read(&mut c, REG_D), 0x80);
+    }
+
+    fn later() -> RtcTime {
+        // A day and an hour after `fixed`.
+        RtcTime::from_unix(1_795_365_667 + 90_000)
+    }
+
+    /// NVRAM byte 0x40 written, binary 12-hour mode, register 0x41 left selected.
+    fn used() -> Cmos {
+        let mut c = Cmos::with_clock(fixed);
+        c.write(0, &[REG_B]);
+        c.write(1, &[B_BINARY]);
+        c.write(0, &[0x40]);
+        c.write(1, &[0x5a]);
+        c.write(0, &[0x41 | 0x80]);
+        c
+    }
+
+    #[test]
+    fn restored_cmos_keeps_index_and_nvram_but_reads_the_current_time() {
+        let saved = used().state();
+        let mut c = Cmos::with_clock(later);
+        c.restore(&saved).unwrap();
+        assert_eq!(c.state(), saved);
+        let mut b = [0u8];
+        c.read(0, &mut b);
+        assert_eq!(b[0], 0x41, "index register");
+        assert_eq!(read(&mut c, 0x40), 0x5a, "NVRAM byte");
+        assert_eq!(read(&mut c, REG_B), B_BINARY, "register B");
+        // Binary, 12-hour (register B came back): 17:41 reads as 5 PM, today's hour.
+        assert_eq!(read(&mut c, REG_HOURS), 0x80 | 5);
+        assert_eq!(read(&mut c, REG_DAY), 23, "the host's date, not the saved one");
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let saved = used().state();
+        let json = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<CmosState>(&json).unwrap(), saved);
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut c = Cmos::with_clock(fixed);
+        let before = c.state();
+        let mut short = used().state();
+        short.nvram.pop();
+        let mut index = used().state();
+        index.index = 0x80;
+        for bad in [short, index] {
+            assert!(matches!(c.restore(&bad), Err(StateError::Invalid { what: "CMOS", .. })));
+        }
+        assert_eq!(c.state(), before);
     }
 
     #[test]

@@ -9,13 +9,20 @@
 //! no mouse: the AUX port answers its loopback test but NAKs every byte sent to it.
 //!
 //! vm-superio's `I8042Device` only implements the reset command, hence this device.
+//!
+//! Saved state ([`I8042State`]) is the controller's side of the conversation: command
+//! byte, unread output and half-done commands, so a guest saved mid-probe or mid-key
+//! sequence carries on where it was.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
 use crate::control::{ExitReason, VmControl};
 use crate::devices::IrqLine;
+use crate::state_error::StateError;
 
 /// Base port; the device claims 0x60..=0x64 and answers offsets 0 and 4 (0x61 is
 /// KVM's in-kernel speaker port and never reaches us).
@@ -279,83 +286,91 @@ impl BusDevice for I8042 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One byte waiting in the controller's output buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042Byte {
+    pub byte: u8,
+    /// AUX (mouse) data rather than keyboard data: sets status bit 5 and goes out on
+    /// IRQ 12.
+    pub aux: bool,
+}
 
-    fn device() -> (I8042, Arc<VmControl>) {
-        let control = Arc::new(VmControl::new().unwrap());
-        let dev = I8042::new(
-            IrqLine::new(KBD_IRQ).unwrap(),
-            IrqLine::new(AUX_IRQ).unwrap(),
-            control.clone(),
-        );
-        (dev, control)
-    }
+/// Everything that decides what the controller answers next: the command byte, the
+/// output buffer, the byte a read of an empty buffer repeats, half-done commands and
+/// the status register's "last write was a command" bit. The rest of the status
+/// register is derived from these. The reset line has no state: a reset request ends
+/// the VM at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// The controller configuration ("command") byte.
+    pub command_byte: u8,
+    /// Bytes not read yet, head first; at most 16.
+    pub output: Vec<I8042Byte>,
+    pub last_read: u8,
+    /// A controller command waiting for its data byte (0x60, 0xd1..=0xd4).
+    pub pending_command: Option<u8>,
+    /// A keyboard command waiting for its parameter (0xed, 0xf0, 0xf3).
+    pub pending_kbd_command: Option<u8>,
+    pub last_write_was_command: bool,
+}
 
-    fn out(d: &mut I8042, offset: u64, v: u8) {
-        d.write(offset, &[v]);
-    }
-    fn inb(d: &mut I8042, offset: u64) -> u8 {
-        let mut b = [0u8];
-        d.read(offset, &mut b);
-        b[0]
-    }
-    fn drain(d: &mut I8042) -> Vec<u8> {
-        let mut v = Vec::new();
-        while inb(d, 4) & STATUS_OBF != 0 {
-            v.push(inb(d, 0));
+/// Controller commands that take a data byte: the only ones `pending_command` holds.
+const DATA_COMMANDS: [u8; 5] = [
+    CMD_WRITE_CTR,
+    CMD_WRITE_OUTPUT,
+    CMD_WRITE_KBD_BUFFER,
+    CMD_WRITE_AUX_BUFFER,
+    CMD_WRITE_AUX,
+];
+/// Keyboard commands that take a parameter byte.
+const KBD_PARAMETER_COMMANDS: [u8; 3] = [0xed, 0xf0, 0xf3];
+
+impl I8042 {
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            command_byte: self.ctr,
+            output: self.output.iter().map(|&(byte, aux)| I8042Byte { byte, aux }).collect(),
+            last_read: self.last,
+            pending_command: self.pending_command,
+            pending_kbd_command: self.pending_kbd_command,
+            last_write_was_command: self.last_write_was_command,
         }
-        v
     }
 
-    #[test]
-    fn reset_command_requests_reboot() {
-        let (mut d, control) = device();
-        out(&mut d, 4, 0xaa);
-        assert!(!control.is_stopping());
-        out(&mut d, 4, CMD_RESET);
-        assert_eq!(control.reason(), Some(ExitReason::Reboot));
-    }
-
-    #[test]
-    fn answers_linux_probe_sequence() {
-        let (mut d, control) = device();
-        out(&mut d, 4, CMD_SELF_TEST);
-        assert_eq!(drain(&mut d), vec![0x55]);
-        out(&mut d, 4, CMD_READ_CTR);
-        let ctr = drain(&mut d)[0];
-        assert_eq!(ctr & CTR_XLATE, CTR_XLATE);
-        out(&mut d, 4, CMD_WRITE_CTR);
-        out(&mut d, 0, ctr | CTR_AUXINT);
-        out(&mut d, 4, CMD_READ_CTR);
-        assert_eq!(drain(&mut d), vec![ctr | CTR_AUXINT]);
-        // AUX loopback echoes with the AUX flag set.
-        out(&mut d, 4, CMD_WRITE_AUX_BUFFER);
-        out(&mut d, 0, 0x5a);
-        assert_eq!(inb(&mut d, 4) & STATUS_AUXDATA, STATUS_AUXDATA);
-        assert_eq!(drain(&mut d), vec![0x5a]);
-        out(&mut d, 0, 0xf2);
-        assert_eq!(drain(&mut d), vec![KBD_ACK, 0xab, 0x83]);
-        out(&mut d, 0, 0xed);
-        out(&mut d, 0, 0x07);
-        assert_eq!(drain(&mut d), vec![KBD_ACK, KBD_ACK]);
-        assert!(kbd_irq_count(&d) > 0);
-        assert!(!control.is_stopping());
-    }
-
-    fn kbd_irq_count(d: &I8042) -> u64 {
-        d.kbd_irq().eventfd().read().unwrap_or(0)
-    }
-
-    #[test]
-    fn ctrl_alt_del_follows_translation_mode() {
-        let (mut d, _) = device();
-        d.inject_ctrl_alt_del();
-        assert_eq!(drain(&mut d), CTRL_ALT_DEL_SET1.to_vec());
-        out(&mut d, 4, CMD_WRITE_CTR);
-        out(&mut d, 0, CTR_KBDINT);
-        d.inject_ctrl_alt_del();
-        assert_eq!(drain(&mut d), CTRL_ALT_DEL_SET2.to_vec());
+    /// Puts the controller back. With bytes waiting, the interrupt for the head byte is
+    /// raised again (if enabled): the irqchip's own state is restored too, so this is
+    /// usually a duplicate, which Linux's driver ignores (it reads the status register
+    /// first and finds one byte per interrupt at most); raising it keeps the restore
+    /// from depending on whether the irqchip had latched the edge.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), StateError> {
+        let invalid = |reason: String| StateError::Invalid { what: "i8042", reason };
+        if state.output.len() > BUFFER_LIMIT {
+            return Err(invalid(format!(
+                "{} bytes in the output buffer, which holds {BUFFER_LIMIT}",
+                state.output.len()
+            )));
+        }
+        if let Some(cmd) = state.pending_command.filter(|c| !DATA_COMMANDS.contains(c)) {
+            return Err(invalid(format!("controller command {cmd:#x} takes no data byte")));
+        }
+        if let Some(cmd) = state
+            .pending_kbd_command
+            .filter(|c| !KBD_PARAMETER_COMMANDS.contains(c))
+        {
+            return Err(invalid(format!("keyboard command {cmd:#x} takes no parameter")));
+        }
+        self.ctr = state.command_byte;
+        self.output = state.output.iter().map(|b| (b.byte, b.aux)).collect();
+        self.last = state.last_read;
+        self.pending_command = state.pending_command;
+        self.pending_kbd_command = state.pending_kbd_command;
+        self.last_write_was_command = state.last_write_was_command;
+        self.raise_irq_for_head();
+        Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

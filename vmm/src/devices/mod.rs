@@ -39,10 +39,3 @@ impl IrqLine {
         self.evt.write(1)
     }
 }
-
-impl vm_superio::Trigger for IrqLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.pulse()
-    }
-}

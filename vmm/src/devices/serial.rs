@@ -4,6 +4,10 @@
 //! it is a terminal (put in raw mode for the VM's lifetime, `Ctrl-A x` stops the VM) or
 //! from the unix socket. Every guest byte is several exits, so the output path is one
 //! unbuffered `write` per byte and nothing else.
+//!
+//! Saved state ([`SerialState`]) is vm-superio's register file and receive FIFO: what
+//! the guest's driver sees. The output sink and the input thread belong to the VMM
+//! process and are set up again by whoever restores.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -13,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
+use vm_superio::serial::NoEvents;
 
 use crate::bus::{BusDevice, lock};
 use crate::config::SerialOutput;
@@ -21,6 +27,7 @@ use crate::control::{ExitReason, VmControl};
 use crate::devices::IrqLine;
 use crate::error::Error;
 use crate::os_error::os_message;
+use crate::state_error::StateError;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -60,24 +67,134 @@ fn raw_write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Size of vm-superio's receive FIFO (its `FIFO_SIZE`, which it does not export):
+/// a saved state holding more is refused before vm-superio sees it.
+const FIFO_SIZE: usize = 64;
+
+/// The UART's interrupt line as vm-superio's trigger. Shared (`Arc`) because
+/// vm-superio has no way to hand its trigger back: a restore builds a new `Serial`
+/// around the same line, which must stay the eventfd KVM was given.
+///
+/// Raising never fails as far as vm-superio knows: an eventfd write fails only when its
+/// counter would overflow, which cannot happen while KVM drains it, so a failure is
+/// logged (as the other devices do) rather than reported as an output error.
+#[derive(Clone)]
+struct SerialIrq(Arc<IrqLine>);
+
+impl vm_superio::Trigger for SerialIrq {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        if let Err(e) = self.0.pulse() {
+            tracing::warn!("serial: cannot raise IRQ {}: {e}", self.0.gsi());
+        }
+        Ok(())
+    }
+}
+
 /// The UART as a bus device.
 pub struct SerialDevice {
-    uart: Serial<IrqLine, vm_superio::serial::NoEvents, SerialSink>,
+    uart: Serial<SerialIrq, NoEvents, SerialSink>,
     /// Output errors are reported once, then bytes are dropped: the guest must never
     /// block on a console nobody reads.
     output_failed: bool,
 }
 
+/// The UART's guest-visible state: vm-superio's `SerialState` field for field (it has
+/// no serde), converted both ways. Registers are carried as they are: every value is
+/// one the guest could have written or the UART could have reached, and vm-superio
+/// only tests their bits. The FIFO is bounded by [`SerialDevice::restore`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet, oldest first.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::SerialState> for SerialState {
+    fn from(s: vm_superio::SerialState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialState> for vm_superio::SerialState {
+    fn from(s: &SerialState) -> Self {
+        vm_superio::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl SerialDevice {
     pub fn new(irq: IrqLine, sink: SerialSink) -> Self {
         SerialDevice {
-            uart: Serial::new(irq, sink),
+            uart: Serial::new(SerialIrq(Arc::new(irq)), sink),
             output_failed: false,
         }
     }
 
     pub fn irq(&self) -> &IrqLine {
-        self.uart.interrupt_evt()
+        &self.uart.interrupt_evt().0
+    }
+
+    pub fn state(&self) -> SerialState {
+        self.uart.state().into()
+    }
+
+    /// Puts the registers and the receive FIFO back, keeping this device's interrupt
+    /// line and sink. vm-superio raises the interrupt again if one was pending (an
+    /// enabled "data ready" or "transmitter empty" condition), so a guest saved between
+    /// the interrupt and its handler still gets it.
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(StateError::Invalid {
+                what: "serial",
+                reason: format!(
+                    "{} bytes in the receive FIFO, which holds {FIFO_SIZE}",
+                    state.in_buffer.len()
+                ),
+            });
+        }
+        // vm-superio builds a restored UART only from owned parts: take the sink out,
+        // leaving a UART that writes nowhere for the moment in between.
+        let irq = self.uart.interrupt_evt().clone();
+        let placeholder = Serial::new(irq.clone(), SerialSink::None);
+        let sink = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        // from_state fails only on an over-full FIFO (refused above) or a failing
+        // trigger (ours never fails), so the sink cannot be lost here.
+        self.uart = Serial::from_state(&state.into(), irq, NoEvents, sink).map_err(|e| StateError::Invalid {
+            what: "serial",
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
@@ -240,4 +357,111 @@ pub fn spawn_input_thread(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 8250 register offsets.
+    const DATA: u64 = 0;
+    const IER: u64 = 1;
+    const IIR: u64 = 2;
+    const LCR: u64 = 3;
+    const MCR: u64 = 4;
+    const LSR: u64 = 5;
+    const SCR: u64 = 7;
+    const LCR_DLAB: u8 = 0x80;
+    const LSR_DATA_READY: u8 = 0x01;
+    const IIR_RDA: u8 = 0x04;
+
+    fn device() -> SerialDevice {
+        SerialDevice::new(IrqLine::new(COM1_IRQ).unwrap(), SerialSink::None)
+    }
+    fn out(d: &mut SerialDevice, offset: u64, v: u8) {
+        d.write(offset, &[v]);
+    }
+    fn inb(d: &mut SerialDevice, offset: u64) -> u8 {
+        let mut b = [0u8];
+        d.read(offset, &mut b);
+        b[0]
+    }
+
+    /// A UART as Linux's 8250 driver leaves it, with two received bytes unread.
+    fn configured() -> SerialDevice {
+        let mut d = device();
+        out(&mut d, LCR, LCR_DLAB);
+        out(&mut d, DATA, 0x0c); // 9600 baud
+        out(&mut d, IER, 0x00);
+        out(&mut d, LCR, 0x03); // 8N1
+        out(&mut d, IER, 0x01); // receive interrupt
+        out(&mut d, MCR, 0x0b);
+        out(&mut d, SCR, 0x5a);
+        assert_eq!(d.enqueue_input(b"hi"), 2);
+        d
+    }
+
+    #[test]
+    fn fifo_size_is_vm_superios() {
+        assert_eq!(device().uart.fifo_capacity(), FIFO_SIZE);
+    }
+
+    #[test]
+    fn restored_uart_reads_back_registers_and_pending_input() {
+        let saved = configured().state();
+        let mut d = device();
+        d.restore(&saved).unwrap();
+        assert_eq!(
+            d.irq().eventfd().read().unwrap(),
+            1,
+            "the pending receive interrupt is raised again"
+        );
+        assert_eq!(inb(&mut d, LCR), 0x03);
+        assert_eq!(inb(&mut d, IER), 0x01);
+        assert_eq!(inb(&mut d, MCR), 0x0b);
+        assert_eq!(inb(&mut d, SCR), 0x5a);
+        assert_eq!(inb(&mut d, IIR) & 0x0f, IIR_RDA);
+        assert_eq!(inb(&mut d, LSR) & LSR_DATA_READY, LSR_DATA_READY);
+        assert_eq!([inb(&mut d, DATA), inb(&mut d, DATA)], *b"hi");
+        assert_eq!(inb(&mut d, LSR) & LSR_DATA_READY, 0, "FIFO drained");
+        out(&mut d, LCR, 0x03 | LCR_DLAB);
+        assert_eq!((inb(&mut d, DATA), inb(&mut d, IER)), (0x0c, 0x00), "divisor latch");
+        assert_eq!(d.state().in_buffer, Vec::<u8>::new());
+    }
+
+    #[test]
+    fn restore_keeps_the_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console");
+        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let mut d = SerialDevice::new(IrqLine::new(COM1_IRQ).unwrap(), SerialSink::File(file));
+        out(&mut d, DATA, b'a');
+        d.restore(&configured().state()).unwrap();
+        out(&mut d, DATA, b'b');
+        assert_eq!(std::fs::read(&path).unwrap(), b"ab");
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let saved = configured().state();
+        let json = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<SerialState>(&json).unwrap(), saved);
+        // Restoring and saving again gives the same state.
+        let mut d = device();
+        d.restore(&saved).unwrap();
+        assert_eq!(d.state(), saved);
+    }
+
+    #[test]
+    fn overfull_fifo_is_refused_and_the_device_kept() {
+        let mut saved = configured().state();
+        saved.in_buffer = vec![b'x'; FIFO_SIZE + 1];
+        let mut d = configured();
+        let before = d.state();
+        assert!(matches!(
+            d.restore(&saved),
+            Err(StateError::Invalid { what: "serial", .. })
+        ));
+        assert_eq!(d.state(), before);
+    }
 }

@@ -19,12 +19,14 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::VolatileSlice;
 
+use super::persist::{self, BlockState, VirtioDeviceState};
 use super::queue_handler::{self, Chain, IovecBuf};
 use super::{COMMON_FEATURES, NeedsReset, QueueContext, VirtioDevice, read_config_bytes};
 pub use crate::device_config::DiskConfig;
 use crate::device_counters::{DeviceCounters, DeviceKind};
 use crate::memory::GuestMemory;
 use crate::os_error::os_message;
+use crate::state_error::StateError;
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -515,6 +517,31 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {}
+
+    /// Only the capacity, to refuse a disk of another size (see [`persist`]).
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            capacity_sectors: self.capacity,
+        })
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        let VirtioDeviceState::Block(saved) = state else {
+            return Err(persist::wrong_device_state(self.name(), state));
+        };
+        if saved.capacity_sectors != self.capacity {
+            return Err(StateError::Mismatch {
+                what: self.name(),
+                reason: format!(
+                    "{}: {} sectors, the saved guest's disk had {}",
+                    self.path.display(),
+                    self.capacity,
+                    saved.capacity_sectors
+                ),
+            });
+        }
+        Ok(())
+    }
 
     fn process_queue(&mut self, ctx: &mut QueueContext<'_>, index: usize) -> Result<(), NeedsReset> {
         if index != 0 {

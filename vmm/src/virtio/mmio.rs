@@ -39,24 +39,26 @@ pub const CONFIG_OFFSET: u64 = 0x100;
 /// The QueueNotify register, where ioeventfds listen.
 pub const NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
-/// A virtio device behind its MMIO register block.
+/// A virtio device behind its MMIO register block. The fields are the virtio module's
+/// so that saving and restoring them ([`super::persist`]) can live apart from the
+/// register handling.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
-    interrupt: Interrupt,
-    queues: Vec<Queue>,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemory,
+    pub(super) interrupt: Interrupt,
+    pub(super) queues: Vec<Queue>,
     /// One per queue; KVM signals it when the guest writes the queue's index to
     /// QueueNotify (datamatch), and the event loop waits on it.
-    queue_evts: Vec<EventFd>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    queue_sel: u32,
-    config_generation: u32,
-    active: bool,
+    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) acked_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) config_generation: u32,
+    pub(super) active: bool,
     /// Set when the driver broke a queue; cleared by reset.
-    needs_reset: bool,
+    pub(super) needs_reset: bool,
 }
 
 impl MmioTransport {
@@ -158,7 +160,7 @@ impl MmioTransport {
         }
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         if self.active {
             self.device.reset();
         }
@@ -235,35 +237,41 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if let Err(why) = self.try_activate() {
+            self.fail(&why);
+        }
+    }
+
+    /// Checks the ready queues against guest memory and starts the device with the
+    /// acked features (the guest's DRIVER_OK, or a restore of a running device). On
+    /// error nothing is active and the caller decides what the guest sees.
+    pub(super) fn try_activate(&mut self) -> Result<(), String> {
         let event_idx = has_feature(self.acked_features, VIRTIO_RING_F_EVENT_IDX);
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
                 continue;
             }
             if !q.is_valid(&self.mem) {
-                let why = format!(
+                return Err(format!(
                     "queue {i} (size {}, descriptors {:#x}, avail {:#x}, used {:#x}) is not inside guest memory",
                     q.size(),
                     q.desc_table(),
                     q.avail_ring(),
                     q.used_ring()
-                );
-                self.fail(&why);
-                return;
+                ));
             }
             q.set_event_idx(event_idx);
         }
-        match self.device.activate(self.acked_features) {
-            Ok(()) => {
-                self.active = true;
-                tracing::debug!(
-                    "{}: activated with features {:#x}",
-                    self.device.name(),
-                    self.acked_features
-                );
-            }
-            Err(e) => self.fail(&format!("activation failed: {e}")),
-        }
+        self.device
+            .activate(self.acked_features)
+            .map_err(|e| format!("activation failed: {e}"))?;
+        self.active = true;
+        tracing::debug!(
+            "{}: activated with features {:#x}",
+            self.device.name(),
+            self.acked_features
+        );
+        Ok(())
     }
 
     fn read_register(&self, offset: u32) -> u32 {
@@ -400,224 +408,6 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// Shared with the save/restore tests ([`super::persist`]).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::IrqLine;
-    use crate::virtio::{COMMON_FEATURES, NeedsReset};
-    use std::sync::{Arc, Mutex};
-    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
-    use vm_memory::GuestMemoryMmap;
-
-    /// A device that records what the transport does to it.
-    #[derive(Default)]
-    struct Probe {
-        activated: Arc<Mutex<Vec<u64>>>,
-        resets: Arc<Mutex<u32>>,
-        fail_queue: bool,
-    }
-
-    impl VirtioDevice for Probe {
-        fn device_type(&self) -> u32 {
-            4
-        }
-        fn name(&self) -> &'static str {
-            "probe"
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn features(&self) -> u64 {
-            COMMON_FEATURES | 1 << 3
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            super::super::read_config_bytes(b"0123456789", offset, data);
-        }
-        fn activate(&mut self, acked: u64) -> Result<(), String> {
-            self.activated.lock().unwrap().push(acked);
-            Ok(())
-        }
-        fn reset(&mut self) {
-            *self.resets.lock().unwrap() += 1;
-        }
-        fn process_queue(&mut self, _: &mut QueueContext<'_>, index: usize) -> Result<(), NeedsReset> {
-            if self.fail_queue {
-                Err(NeedsReset(format!("queue {index} broken")))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    fn transport(probe: Probe) -> MmioTransport {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        MmioTransport::new(Box::new(probe), mem, Interrupt::new(IrqLine::new(5).unwrap())).unwrap()
-    }
-
-    fn w(t: &mut MmioTransport, reg: u32, v: u32) {
-        t.write(u64::from(reg), &v.to_le_bytes());
-    }
-    fn r(t: &mut MmioTransport, reg: u32) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(u64::from(reg), &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    /// The Linux driver's sequence up to FEATURES_OK with `features` acked.
-    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
-        w(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        w(
-            t,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
-        );
-        for sel in 0..2 {
-            w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
-            w(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
-        }
-        w(
-            t,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
-        );
-        r(t, VIRTIO_MMIO_STATUS)
-    }
-
-    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
-        w(t, VIRTIO_MMIO_QUEUE_SEL, index);
-        w(t, VIRTIO_MMIO_QUEUE_NUM, size);
-        w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, base as u32);
-        w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (base >> 32) as u32);
-        w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (base + 0x1000) as u32);
-        w(t, VIRTIO_MMIO_QUEUE_USED_LOW, (base + 0x2000) as u32);
-        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
-    }
-
-    const ALL_UP: u32 =
-        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-
-    #[test]
-    fn identification_registers_and_config_space() {
-        let mut t = transport(Probe::default());
-        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 4);
-        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
-        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), COMMON_FEATURES as u32 | 8);
-        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 8);
-        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 2);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "no such queue");
-        let mut cfg = [0u8; 4];
-        t.read(CONFIG_OFFSET + 8, &mut cfg);
-        assert_eq!(&cfg, b"89\0\0");
-        // Narrow register reads read zero rather than half a register.
-        let mut half = [0xffu8; 2];
-        t.read(0, &mut half);
-        assert_eq!(half, [0, 0]);
-    }
-
-    #[test]
-    fn features_ok_requires_version_1_and_offered_bits() {
-        let mut t = transport(Probe::default());
-        assert_eq!(
-            negotiate(&mut t, 1 << 3) & VIRTIO_CONFIG_S_FEATURES_OK,
-            0,
-            "no VERSION_1"
-        );
-        w(&mut t, VIRTIO_MMIO_STATUS, 0);
-        let not_offered = 1 << VIRTIO_F_VERSION_1 | 1 << 7;
-        assert_eq!(negotiate(&mut t, not_offered) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
-        w(&mut t, VIRTIO_MMIO_STATUS, 0);
-        let good = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
-        assert_ne!(negotiate(&mut t, good) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
-        // Features are frozen after FEATURES_OK.
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
-        assert_eq!(t.acked_features, good);
-    }
-
-    #[test]
-    fn driver_ok_activates_and_reset_resets() {
-        let probe = Probe::default();
-        let activated = probe.activated.clone();
-        let resets = probe.resets.clone();
-        let mut t = transport(probe);
-        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
-        negotiate(&mut t, features);
-        setup_queue(&mut t, 0, 16, 0x1_0000);
-        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW), 0x1_0000);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
-        w(&mut t, VIRTIO_MMIO_STATUS, ALL_UP);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ALL_UP);
-        assert!(t.is_active());
-        assert_eq!(*activated.lock().unwrap(), vec![features]);
-        assert!(t.queues[0].event_idx_enabled());
-        // Clearing a bit without a reset is ignored.
-        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), ALL_UP);
-        w(&mut t, VIRTIO_MMIO_STATUS, 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
-        assert!(!t.is_active());
-        assert_eq!(*resets.lock().unwrap(), 1);
-        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
-        assert_eq!(t.acked_features, 0);
-    }
-
-    #[test]
-    fn queue_outside_memory_sets_needs_reset() {
-        let mut t = transport(Probe::default());
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        setup_queue(&mut t, 0, 16, 0xfff_f000);
-        w(&mut t, VIRTIO_MMIO_STATUS, ALL_UP);
-        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-        assert!(!t.is_active());
-        assert_eq!(
-            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG_CHANGE,
-            INT_CONFIG_CHANGE
-        );
-        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, INT_CONFIG_CHANGE);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
-        w(&mut t, VIRTIO_MMIO_STATUS, 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0, "reset clears NEEDS_RESET");
-    }
-
-    #[test]
-    fn queue_error_during_processing_sets_needs_reset() {
-        let mut t = transport(Probe {
-            fail_queue: true,
-            ..Probe::default()
-        });
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        setup_queue(&mut t, 0, 16, 0x1_0000);
-        w(&mut t, VIRTIO_MMIO_STATUS, ALL_UP);
-        // A notify that no ioeventfd caught still goes through the eventfd.
-        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
-        t.handle_event(0, libc::EPOLLIN as u32);
-        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-        assert_eq!(
-            t.interrupt().line().eventfd().read().unwrap(),
-            1,
-            "config interrupt raised"
-        );
-    }
-
-    #[test]
-    fn queue_config_is_ignored_outside_its_phase() {
-        let mut t = transport(Probe::default());
-        // Before FEATURES_OK.
-        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
-        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5000);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW), 0);
-        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
-        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 12); // not a power of two: refused
-        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5008); // misaligned: refused
-        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW), 0);
-        assert_eq!(t.queues[0].size(), 16);
-    }
-}
+pub(super) mod tests;

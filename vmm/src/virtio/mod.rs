@@ -21,6 +21,7 @@ pub mod block;
 pub mod driver;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod queue_handler;
 pub mod rng;
 pub mod tap;
@@ -32,6 +33,8 @@ use virtio_queue::{Queue, QueueT};
 
 use crate::devices::IrqLine;
 use crate::memory::GuestMemory;
+use crate::state_error::StateError;
+use persist::VirtioDeviceState;
 
 pub use virtio_bindings::virtio_config::{VIRTIO_F_VERSION_1, VIRTIO_TRANSPORT_F_END, VIRTIO_TRANSPORT_F_START};
 pub use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -72,6 +75,17 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Puts saved status bits back and, when any is set, pulses the line again (see
+    /// [`mmio::MmioTransport::restore`] why).
+    pub fn restore(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0
+            && let Err(e) = self.line.pulse()
+        {
+            tracing::warn!("virtio interrupt on GSI {}: {e}", self.line.gsi());
+        }
     }
 
     pub fn clear(&self) {
@@ -180,6 +194,17 @@ pub trait VirtioDevice: Send {
     /// Extra fd number `index` (position in [`VirtioDevice::extra_fds`]) is ready.
     fn process_extra(&mut self, _ctx: &mut QueueContext<'_>, _index: usize, _events: u32) -> Result<(), NeedsReset> {
         Ok(())
+    }
+    /// What the device keeps beyond its queues and the transport's registers, for a
+    /// snapshot ([`persist`]). Called between two processing calls, never inside one.
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Stateless
+    }
+    /// Puts [`VirtioDevice::save_state`]'s state back into a freshly opened, reset
+    /// device, before the transport activates it again. Checks it first: a refused
+    /// state changes nothing.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        persist::expect_stateless(self.name(), state)
     }
 }
 

@@ -22,10 +22,12 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueT;
 
+use super::persist::{self, NetState, VirtioDeviceState};
 use super::queue_handler::{self, Chain, IovecBuf, Segment};
 use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{COMMON_FEATURES, ExtraFd, NeedsReset, QueueContext, VirtioDevice, has_feature, read_config_bytes};
 use crate::device_counters::{DeviceCounters, DeviceKind};
+use crate::state_error::StateError;
 pub use crate::types::Mac;
 
 pub const RX_QUEUE: usize = 0;
@@ -377,6 +379,44 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.rx_len = 0;
         self.tap_readable = true;
         self.tx_blocked = false;
+    }
+
+    /// The MAC (to refuse another NIC) and an undelivered frame (so it is not lost);
+    /// see [`persist`]. The statistics and counters are this process's, not the
+    /// guest's, and start again at zero.
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            mac: self.mac.0,
+            rx_frame: self.rx_buf[..self.rx_len].to_vec(),
+            rx_avail_seen: self.rx_avail_seen,
+        })
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), StateError> {
+        let VirtioDeviceState::Net(saved) = state else {
+            return Err(persist::wrong_device_state(self.name(), state));
+        };
+        if saved.mac != self.mac.0 {
+            return Err(StateError::Mismatch {
+                what: self.name(),
+                reason: format!("MAC {}, the saved guest's NIC had {}", self.mac, Mac(saved.mac)),
+            });
+        }
+        let len = saved.rx_frame.len();
+        // What `receive` keeps: more than a header, at most a frame.
+        if len != 0 && !(VNET_HDR_LEN + 1..=MAX_FRAME).contains(&len) {
+            return Err(StateError::Invalid {
+                what: self.name(),
+                reason: format!(
+                    "a pending frame of {len} bytes, not {} to {MAX_FRAME}",
+                    VNET_HDR_LEN + 1
+                ),
+            });
+        }
+        self.rx_buf[..len].copy_from_slice(&saved.rx_frame);
+        self.rx_len = len;
+        self.rx_avail_seen = saved.rx_avail_seen;
+        Ok(())
     }
 
     fn extra_fds(&self) -> Vec<ExtraFd> {

@@ -308,3 +308,61 @@ fn offloads_follow_the_acked_features() {
     let m = Mac::random();
     assert_eq!(m.0[0] & 3, 2, "locally administered unicast: {m}");
 }
+
+#[test]
+fn an_undelivered_frame_survives_save_and_restore() {
+    let mut r = rig(0);
+    let f = frame(200, 0x33);
+    r.peer_send(&f);
+    r.tap_event(libc::EPOLLIN).unwrap();
+    assert!(
+        r.rx.take_used(&r.mem).is_empty(),
+        "no buffer: the frame waits in the device"
+    );
+    let saved = r.dev.save_state();
+    let VirtioDeviceState::Net(net) = &saved else {
+        panic!("{saved:?}")
+    };
+    assert_eq!((net.mac, net.rx_frame.as_slice()), ([2, 0, 0, 0, 0, 1], &f[..]));
+    let json = serde_json::to_string(&saved).unwrap();
+    assert_eq!(serde_json::from_str::<VirtioDeviceState>(&json).unwrap(), saved);
+
+    // Another tap, the same MAC: the guest posts a buffer and gets the frame.
+    let mut n = rig(0);
+    n.dev.restore_state(&saved).unwrap();
+    assert_eq!(n.dev.save_state(), saved);
+    n.rx.add_chain(&n.mem, &[Buf::w(BUFS, 2048)]);
+    n.queue(RX_QUEUE).unwrap();
+    assert_eq!(n.rx.take_used(&n.mem), vec![(0, f.len() as u32)]);
+    let mut got = vec![0u8; f.len()];
+    n.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(got[12..], f[12..]);
+    assert_eq!(n.dev.save_state(), rig(0).dev.save_state(), "nothing pending any more");
+}
+
+#[test]
+fn foreign_net_states_are_refused() {
+    let mut r = rig(0);
+    let fresh = r.dev.save_state();
+    let net = |mac: [u8; 6], rx_frame: Vec<u8>| {
+        VirtioDeviceState::Net(persist::NetState {
+            mac,
+            rx_frame,
+            rx_avail_seen: 0,
+        })
+    };
+    let other_mac = net([2, 0, 0, 0, 0, 2], Vec::new());
+    let block = VirtioDeviceState::Block(persist::BlockState { capacity_sectors: 1 });
+    for state in [&other_mac, &block, &VirtioDeviceState::Stateless] {
+        let e = r.dev.restore_state(state).unwrap_err();
+        assert!(matches!(e, StateError::Mismatch { what: "virtio-net", .. }), "{e:?}");
+    }
+    for len in [VNET_HDR_LEN, MAX_FRAME + 1] {
+        let e = r.dev.restore_state(&net([2, 0, 0, 0, 0, 1], vec![0; len])).unwrap_err();
+        assert!(
+            matches!(e, StateError::Invalid { what: "virtio-net", .. }),
+            "{len}: {e:?}"
+        );
+    }
+    assert_eq!(r.dev.save_state(), fresh, "refused states change nothing");
+}
