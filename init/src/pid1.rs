@@ -95,7 +95,10 @@ pub fn run(kernel_words: &[String]) -> ! {
         crate::api::host::os_version(Path::new(layout::OS_RELEASE)).unwrap_or_else(|| "unknown version".into())
     );
     if !kernel_words.is_empty() {
-        info!("kernel command-line words passed to init (ignored): {}", kernel_words.join(" "));
+        info!(
+            "kernel command-line words passed to init (ignored): {}",
+            kernel_words.join(" ")
+        );
     }
     for f in mount_failures {
         warn!("early mount: {f}");
