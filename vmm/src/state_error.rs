@@ -20,3 +20,11 @@ pub enum StateError {
     #[error("{what}: {reason}")]
     Io { what: &'static str, reason: String },
 }
+
+/// Maps a failed state ioctl to [`StateError::Kvm`] naming it.
+pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |e| StateError::Kvm {
+        what,
+        reason: crate::os_error::errno_message(&e),
+    }
+}

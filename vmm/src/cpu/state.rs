@@ -18,7 +18,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-use crate::state_error::StateError;
+use crate::state_error::{StateError, kvm};
 
 /// The IA32_TSC MSR: its value moves with real time (see `crate::persist`).
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -48,13 +48,6 @@ pub struct VcpuState {
     pub lapic: kvm_lapic_state,
     pub msrs: Vec<MsrValue>,
     pub events: kvm_vcpu_events,
-}
-
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
-    move |e| StateError::Kvm {
-        what,
-        reason: crate::os_error::errno_message(&e),
-    }
 }
 
 impl VcpuState {

@@ -7,7 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use crate::state_error::StateError;
+use crate::state_error::{StateError, kvm};
 
 /// The irqchip, PIT and clock of one VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -17,13 +17,6 @@ pub struct KvmVmState {
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
-}
-
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
-    move |e| StateError::Kvm {
-        what,
-        reason: crate::os_error::errno_message(&e),
-    }
 }
 
 fn chip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, StateError> {

@@ -30,7 +30,6 @@ use crate::event_loop::EventLoop;
 use crate::memory::{self, GuestMemory};
 use crate::os_error::{errno_message, os_message};
 use crate::persist::{self, RestoredTime, VmState};
-use crate::state_error::StateError;
 use crate::virtio::attach::{self, PlannedDevice};
 
 /// POST code port; Linux also writes it as an I/O delay.
@@ -143,16 +142,9 @@ impl Vm {
         lock(&m.i8042).restore(&d.i8042)?;
         lock(&m.cmos).restore(&d.cmos)?;
         lock(&m.acpi_pm).restore(&d.acpi_pm)?;
-        match (&m.boot_timer, &d.boot_timer) {
-            (Some(timer), Some(saved)) => lock(timer).restore(saved)?,
-            (None, None) => {}
-            _ => {
-                return Err(StateError::Mismatch {
-                    what: "boot timer",
-                    reason: "the saved VM and this config disagree on `boot_timer`".into(),
-                }
-                .into());
-            }
+        // `check_fits` made sure the saved VM and the config agree on having one.
+        if let (Some(timer), Some(saved)) = (&m.boot_timer, &d.boot_timer) {
+            lock(timer).restore(saved)?;
         }
         for (transport, saved) in m.transports.iter().zip(&d.virtio) {
             lock(transport).restore(saved)?;
