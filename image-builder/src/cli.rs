@@ -51,15 +51,17 @@ pub(crate) enum Command {
     },
     /// Boot an image in QEMU with UEFI firmware (OVMF); the serial console is this terminal.
     #[command(
-        after_help = "Examples:\n  keel-image run disk.img\n  keel-image run disk.img --memory 2GiB --cpus 1 --snapshot\n  keel-image run disk.img --forward 8443:443 -- -d guest_errors\n  keel-image run disk.img --forward 8443:443 --open-network\n\nExit: Ctrl-A X. keel-image exits with QEMU's exit status.\nUses -accel tcg -cpu max unless /dev/kvm is real KVM (not PVM: /sys/module/kvm_pvm)."
+        after_help = "Examples:\n  keel-image run disk.img\n  keel-image run disk.img --memory 2GiB --snapshot\n  keel-image run disk.img --forward 8443:443 -- -d guest_errors\n  keel-image run disk.img --forward 8443:443 --open-network\n\nExit: Ctrl-A X. keel-image exits with QEMU's exit status.\nUses -accel tcg -cpu max unless /dev/kvm is real KVM (not PVM: /sys/module/kvm_pvm)."
     )]
     Run {
         image: PathBuf,
         /// Guest memory, e.g. 2GiB.
         #[arg(long, default_value = "4GiB")]
         memory: String,
-        #[arg(long, default_value_t = 2)]
-        cpus: u32,
+        /// vCPUs [default: 1 under TCG, 2 under KVM; more than 1 under TCG can wedge the
+        /// appliance's kernel, see `keel_image::qemu::Accel::default_cpus`].
+        #[arg(long)]
+        cpus: Option<u32>,
         /// Force the accelerator instead of detecting it.
         #[arg(long, value_parser = ["tcg", "kvm"])]
         accel: Option<String>,

@@ -297,7 +297,7 @@ fn cmd_inspect(image: &Path, json: bool) -> Result<ExitCode> {
 fn cmd_run(
     image: PathBuf,
     memory: &str,
-    cpus: u32,
+    cpus: Option<u32>,
     accel: Option<String>,
     snapshot: bool,
     (forwards, open_network): (Vec<String>, bool),
@@ -309,12 +309,20 @@ fn cmd_run(
     if opts.memory_mib < 128 {
         bail!("--memory {memory}: at least 128MiB");
     }
-    opts.cpus = cpus.max(1);
     opts.accel = match accel.as_deref() {
         Some("kvm") => qemu::Accel::Kvm,
         Some(_) => qemu::Accel::Tcg,
         None => qemu::Accel::detect(),
     };
+    opts.cpus = cpus.unwrap_or(opts.accel.default_cpus()).max(1);
+    if opts.accel == qemu::Accel::Tcg && opts.cpus > 1 {
+        eprintln!(
+            "keel-image: warning: --cpus {} under TCG: the appliance kernel's live code patching \
+             (KVM's first VM created, last destroyed) can wedge all vCPUs under multi-threaded \
+             TCG; drop --cpus for the safe default of 1",
+            opts.cpus
+        );
+    }
     opts.snapshot = snapshot;
     opts.forwards = forwards.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
     opts.open_network = open_network;

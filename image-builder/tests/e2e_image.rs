@@ -194,7 +194,7 @@ fn state_of<'a>(states: &'a [(String, String)], guest: &str) -> Option<&'a str> 
 
 fn boot(image: &Path, host_port: u16) -> Result<Console, String> {
     let mut qemu = keel_image();
-    qemu.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2"])
+    qemu.args(["run", "--accel", "tcg", "--memory", "2GiB"])
         .arg("--forward")
         .arg(format!("{host_port}:{API_PORT}"))
         .arg(image);

@@ -460,7 +460,7 @@ impl Suite {
         self.port = free_port().map_err(fail)?;
         self.boots += 1;
         let mut cmd = keel_image();
-        cmd.args(["run", "--accel", "tcg", "--memory", "2GiB", "--cpus", "2", "--forward"])
+        cmd.args(["run", "--accel", "tcg", "--memory", "2GiB", "--forward"])
             .arg(format!("{}:7070", self.port))
             .arg(&self.disk);
         println!(

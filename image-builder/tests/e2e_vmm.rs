@@ -253,12 +253,10 @@ fn run() -> Result<bool, String> {
 /// which the kernel patches live with int3 breakpoints. Issue 11's hang was this patch
 /// wedging both vCPUs of a multi-threaded TCG appliance in `__schedule`.
 const FLIPS: u32 = 60;
-/// vCPUs of part 3's QEMU. Measured on 2 vCPUs (multi-threaded TCG, what the appliance
-/// suites still boot): wedged at run ~250 of 1000, and once at run ~10 of 60. On 1 vCPU:
-/// 400 of 400 in 68.7 s. So this stage checks the 1-vCPU configuration, the fix
-/// candidate for issue 11; the appliance suites move to it once their timings are
-/// measured.
-const FLIP_CPUS: u32 = 1;
+/// vCPUs of part 3's QEMU: what `keel-image run` gives a TCG appliance by default, which
+/// the appliance suites boot. Measured on 2 vCPUs (multi-threaded TCG): wedged at run
+/// ~250 of 1000, and once at run ~10 of 60. On 1 vCPU: 400 of 400 in 68.7 s.
+const FLIP_CPUS: u32 = keel_image::qemu::Accel::Tcg.default_cpus();
 
 /// Part 3: QEMU as `keel-image run` starts an appliance (see `keel_image::qemu`), the
 /// cloud kernel, KVM loaded, and keel-vmm started and stopped FLIPS times: each run

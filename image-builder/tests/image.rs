@@ -686,8 +686,6 @@ fn run_prints_the_documented_qemu_invocation() {
             "tcg",
             "--memory",
             "2GiB",
-            "--cpus",
-            "1",
             "--forward",
             "8443:443",
         ])
@@ -695,6 +693,8 @@ fn run_prints_the_documented_qemu_invocation() {
         .args(["--", "-d", "guest_errors"]));
     let t = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}", text(&o));
+    // No --cpus: one vCPU under TCG (issue 11, `Accel::default_cpus`), and no warning.
+    assert!(!text(&o).contains("warning"), "{}", text(&o));
     for needle in [
         "qemu-system-x86_64 -M q35 -accel tcg -cpu max -m 2048 -smp 1",
         "-nodefaults -nographic -serial stdio -no-reboot",
@@ -712,6 +712,24 @@ fn run_prints_the_documented_qemu_invocation() {
     assert!(
         !t.contains("OVMF_VARS_4M.fd"),
         "the VARS template itself must never be written: {t}"
+    );
+}
+
+#[test]
+fn run_warns_when_tcg_gets_more_than_one_vcpu() {
+    require_file("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf");
+    let fx = Fixture::new();
+    let image = fx.build(&minimal_config(), "disk.img", EPOCH);
+    let o = run(Command::new(env!("CARGO_BIN_EXE_keel-image"))
+        .args(["run", "--print", "--accel", "tcg", "--cpus", "2"])
+        .arg(&image));
+    assert!(o.status.success(), "{}", text(&o));
+    // The operator's choice stands, with the reason it is risky.
+    assert!(String::from_utf8_lossy(&o.stdout).contains("-smp 2"), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: --cpus 2 under TCG") && err.contains("drop --cpus"),
+        "{err}"
     );
 }
 
