@@ -59,7 +59,7 @@ fn both_sides(text: &str) -> Result<i32, Vec<config::Diagnostic>> {
     }
     let out = Command::new(vmm_bin())
         .arg("--check")
-        .args(vmm_command::args(g, &paths))
+        .args(vmm_command::args(g, &paths, None))
         .output()
         .expect("run keel-vmm --check");
     let code = out.status.code().unwrap_or(-1);

@@ -16,6 +16,10 @@ pub struct Guest {
     pub vcpus: Spanned<u32>,
     /// Guest RAM, e.g. 512MiB (at least 16MiB).
     pub memory: Spanned<ByteSize>,
+    /// Where the kernel comes from: `kernel` (the `kernel:`/`initrd:` fields) or `disk`
+    /// (what the guest's first disk would boot by itself).
+    #[serde(default = "default_boot")]
+    pub boot: Spanned<BootSource>,
     /// `default` (the appliance's bundled guest kernel) or a file in a pool.
     #[serde(default = "default_kernel")]
     pub kernel: Spanned<BootFile>,
@@ -57,6 +61,9 @@ fn default_guest_timeout() -> Spanned<Duration> {
 fn default_vcpus() -> Spanned<u32> {
     Spanned::new(1, Default::default())
 }
+fn default_boot() -> Spanned<BootSource> {
+    Spanned::new(BootSource::Kernel, Default::default())
+}
 fn default_kernel() -> Spanned<BootFile> {
     Spanned::new(BootFile::Default, Default::default())
 }
@@ -70,6 +77,7 @@ impl Decode for Guest {
         let name = m.required("name");
         let vcpus = m.optional("vcpus").map(|v| v.unwrap_or_else(default_vcpus));
         let memory = m.required("memory");
+        let boot = m.optional("boot").map(|v| v.unwrap_or_else(default_boot));
         let kernel = m.optional("kernel").map(|v| v.unwrap_or_else(default_kernel));
         let initrd = m.optional("initrd");
         let cmdline = m.optional("cmdline");
@@ -88,6 +96,7 @@ impl Decode for Guest {
             name,
             vcpus,
             memory,
+            boot,
             kernel,
             initrd,
             cmdline,
@@ -98,6 +107,27 @@ impl Decode for Guest {
             start_timeout,
             stop_timeout
         })
+    }
+}
+
+/// Where a guest's kernel, initramfs and command line come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootSource {
+    /// `kernel:` and `initrd:` (the appliance's bundled guest kernel unless they say
+    /// otherwise) and Keel's command line plus `cmdline:`.
+    #[default]
+    Kernel,
+    /// What the guest's first disk would boot by itself: its GRUB configuration's
+    /// default entry, its Boot Loader Specification entries, or its `/vmlinuz` and
+    /// `/initrd.img` links; read again at every start, so a guest that upgraded its
+    /// kernel boots the new one. Keel's console settings and `cmdline:` are appended.
+    Disk,
+}
+
+impl Decode for BootSource {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        one_of(node, &[("kernel", BootSource::Kernel), ("disk", BootSource::Disk)], d)
     }
 }
 
@@ -353,7 +383,17 @@ impl Guest {
     /// The kernel command line keel-vmm is given: Keel's part, then the operator's.
     /// keel-vmm appends one `virtio_mmio.device=` entry per device after it.
     pub fn kernel_cmdline(&self) -> String {
-        let mut cmdline = base_cmdline(&self.name);
+        self.kernel_cmdline_after(None)
+    }
+
+    /// The same, after the command line a `boot: disk` image gives its kernel: the
+    /// image's part first, so Keel's `console=ttyS0` is the last console (the one
+    /// `/dev/console` is) even when the image names `console=tty0`.
+    pub fn kernel_cmdline_after(&self, image: Option<&str>) -> String {
+        let mut cmdline = match image.map(str::trim).filter(|i| !i.is_empty()) {
+            Some(i) => format!("{i} {}", base_cmdline(&self.name)),
+            None => base_cmdline(&self.name),
+        };
         if let Some(extra) = &self.cmdline {
             cmdline.push(' ');
             cmdline.push_str(extra);

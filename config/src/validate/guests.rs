@@ -54,6 +54,9 @@ pub(super) fn check_guests(cfg: &Config, d: &mut Diagnostics) {
                 format!("memory {mem} is not a whole number of 4KiB pages"),
             );
         }
+        if g.boot.value == BootSource::Disk {
+            check_disk_boot(g, d);
+        }
         if let BootFile::Pool(p) = &g.kernel.value {
             check_pool_ref(cfg, &Spanned::new(p.clone(), g.kernel.pos), "kernel", d);
         }
@@ -218,5 +221,29 @@ pub(super) fn check_guests(cfg: &Config, d: &mut Diagnostics) {
         {
             d.warning(cap.pos, format!("volumes declared in pool `{}` add up to {}, more than its cap of {}; they are sparse, but can fill it", p.name.value, ByteSize(*used), cap.value));
         }
+    }
+}
+
+/// `boot: disk` takes the kernel and initramfs from the guest's first disk, so that disk
+/// must exist and the boot-file fields must not say something else.
+fn check_disk_boot(g: &Guest, d: &mut Diagnostics) {
+    let name = g.name.value.as_str();
+    if g.disks.is_empty() {
+        d.error(
+            g.boot.pos,
+            format!("guest `{name}` has `boot: disk` but no disks; add its system disk under `disks:` (the first disk boots)"),
+        );
+    }
+    if g.kernel.value != BootFile::Default {
+        d.error(
+            g.kernel.pos,
+            format!("guest `{name}`: `kernel:` and `boot: disk` both say where the kernel is; remove one"),
+        );
+    }
+    if let Some(initrd) = &g.initrd {
+        d.error(
+            initrd.pos,
+            format!("guest `{name}`: `initrd:` and `boot: disk` both say where the initramfs is; remove one"),
+        );
     }
 }

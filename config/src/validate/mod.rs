@@ -11,7 +11,7 @@ use base64::Engine;
 
 use super::decode::{Spanned, did_you_mean};
 use super::diag::Diagnostics;
-use super::schema::{BootFile, BridgeMode, Config, MacSpec, PoolPath, UplinkAddress};
+use super::schema::{BootFile, BootSource, BridgeMode, Config, Guest, MacSpec, PoolPath, UplinkAddress};
 use super::units::{ByteSize, Ipv4Cidr, MacAddr};
 use super::yaml::Pos;
 

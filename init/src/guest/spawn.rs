@@ -9,9 +9,10 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 
-use tracing::error;
+use tracing::{error, info, warn};
 
-use crate::config::Guest;
+use crate::config::{BootSource, Guest};
+use crate::storage::boot_entry::{self, Prepared};
 
 use super::stuck;
 use super::supervisor::Slot;
@@ -24,6 +25,10 @@ pub(super) fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i3
     let dir = paths.guest_run_dir(name);
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let disk_boot = match g.boot.value {
+        BootSource::Disk => Some(disk_boot(g, paths)?),
+        BootSource::Kernel => None,
+    };
     let console_path = paths.console_socket(name);
     let _ = std::fs::remove_file(&console_path);
     let _ = std::fs::remove_file(paths.vmm_socket(name));
@@ -32,7 +37,7 @@ pub(super) fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i3
     slot.console.serve_vmm(listener, slot.console_cancel.clone())?;
     let tap_fds: Vec<RawFd> = slot.resources.taps.iter().map(|t| t.fd.as_raw_fd()).collect();
     let mut cmd = Command::new(&paths.vmm);
-    cmd.args(vmm_command::args(g, paths));
+    cmd.args(vmm_command::args(g, paths, disk_boot.as_ref()));
     cmd.env(vmm_log::VMM_LOG_ENV.0, vmm_log::VMM_LOG_ENV.1);
     if !tap_fds.is_empty() {
         // SAFETY: the closure only calls fcntl/dup2 (async-signal-safe) on fds this
@@ -60,6 +65,31 @@ pub(super) fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i3
     }
     // The child is reaped by keel-init's waitpid loop, not through this handle.
     Ok(child.id() as i32)
+}
+
+/// `boot: disk`: what the guest's first disk boots, copied out of it again at every
+/// start (a guest that installed a new kernel boots it). The error, on `keelctl status`,
+/// says what was looked for.
+fn disk_boot(g: &Guest, paths: &Paths) -> std::io::Result<Prepared> {
+    let name = g.name.value.as_str();
+    let disk = g
+        .disks
+        .first()
+        .ok_or_else(|| std::io::Error::other("boot: disk: the guest has no disks"))?;
+    let path = paths.pool_file(&disk.volume);
+    tracing::debug!(guest = name, disk = %path.display(), "boot: disk: reading the boot entry");
+    let prepared = boot_entry::prepare(&path, &paths.disk_boot_dir(name))
+        .map_err(|e| std::io::Error::other(format!("boot: disk: {e}")))?;
+    info!(
+        guest = name,
+        found_by = prepared.found_by.as_str(),
+        cmdline = prepared.cmdline.as_str(),
+        "boot: disk"
+    );
+    if let Some(w) = &prepared.warning {
+        warn!(guest = name, "boot: disk: {w}");
+    }
+    Ok(prepared)
 }
 
 /// In the child between fork and exec: puts `fds` at 3, 4, ... (where

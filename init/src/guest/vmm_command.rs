@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{BootFile, Guest, PoolPath};
 use crate::layout;
+use crate::storage::boot_entry::Prepared;
 
 /// Where the files a guest names are found, and where its sockets and logs go.
 #[derive(Clone, Debug)]
@@ -66,6 +67,12 @@ impl Paths {
         self.guest_run_dir(guest).join("vmm.sock")
     }
 
+    /// Where a `boot: disk` guest's kernel and initramfs are copied out of its disk
+    /// (on KEEL-DATA: an initramfs can be tens of MiB, too much for tmpfs per guest).
+    pub fn disk_boot_dir(&self, guest: &str) -> PathBuf {
+        self.data_root.join("boot").join(guest)
+    }
+
     pub fn pool_file(&self, p: &PoolPath) -> PathBuf {
         layout::pool_dir(&self.data_root, &p.pool).join(&p.path)
     }
@@ -83,12 +90,17 @@ pub const FIRST_PASSED_FD: i32 = 3;
 
 pub use crate::config::base_cmdline;
 
-/// The arguments for `keel-vmm` (without the program name).
-pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
-    let cmdline = g.kernel_cmdline();
+/// The arguments for `keel-vmm` (without the program name). `disk_boot` is what a
+/// `boot: disk` guest's disk said it boots (see `storage::boot_entry`).
+pub fn args(g: &Guest, paths: &Paths, disk_boot: Option<&Prepared>) -> Vec<OsString> {
+    let cmdline = g.kernel_cmdline_after(disk_boot.map(|p| p.cmdline.as_str()));
+    let kernel = match disk_boot {
+        Some(p) => p.kernel.clone(),
+        None => paths.boot_file(&g.kernel, &paths.default_kernel),
+    };
     let mut a: Vec<OsString> = vec![
         "--kernel".into(),
-        paths.boot_file(&g.kernel, &paths.default_kernel).into(),
+        kernel.into(),
         "--cpus".into(),
         g.vcpus.to_string().into(),
         "--memory".into(),
@@ -106,9 +118,13 @@ pub fn args(g: &Guest, paths: &Paths) -> Vec<OsString> {
         "--shutdown-timeout".into(),
         paths.shutdown_timeout_secs.to_string().into(),
     ];
-    if let Some(initrd) = &g.initrd {
+    let initrd = match disk_boot {
+        Some(p) => p.initrd.clone(),
+        None => g.initrd.as_ref().map(|i| paths.boot_file(i, &paths.default_initrd)),
+    };
+    if let Some(initrd) = initrd {
         a.push("--initrd".into());
-        a.push(paths.boot_file(initrd, &paths.default_initrd).into());
+        a.push(initrd.into());
     }
     // Disks in declaration order: vda, vdb, ...
     for d in &g.disks {
@@ -141,7 +157,7 @@ mod tests {
             run_dir: "/run/keel".into(),
             ..Paths::default()
         };
-        let a: Vec<String> = args(&cfg.guests[0], &paths)
+        let a: Vec<String> = args(&cfg.guests[0], &paths, None)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -179,7 +195,7 @@ mod tests {
             data_root: "/data".into(),
             ..Paths::default()
         };
-        let a: Vec<String> = args(&cfg.guests[0], &paths)
+        let a: Vec<String> = args(&cfg.guests[0], &paths, None)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -196,5 +212,34 @@ mod tests {
             ]
         );
         assert_eq!(tail[7], format!("fd=4,mac={}", cfg.guests[0].nic_mac(1)));
+    }
+
+    #[test]
+    fn disk_boot_takes_the_images_kernel_and_command_line() {
+        let text = "version: 1\nstorage: {pools: [{name: p}]}\nguests:\n  - name: deb\n    memory: 1GiB\n    boot: disk\n    cmdline: quiet\n    disks: [{volume: p/deb, size: 10GiB}]\n";
+        let cfg = crate::config::parse_str(text).expect("valid").config;
+        let paths = Paths {
+            data_root: "/data".into(),
+            ..Paths::default()
+        };
+        let prepared = Prepared {
+            kernel: paths.disk_boot_dir("deb").join("vmlinuz"),
+            initrd: Some(paths.disk_boot_dir("deb").join("initrd.img")),
+            cmdline: "root=PARTUUID=x ro console=tty0 console=ttyS0,115200".into(),
+            found_by: "test".into(),
+            warning: None,
+        };
+        let a: Vec<String> = args(&cfg.guests[0], &paths, Some(&prepared))
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(a[0..2], ["--kernel", "/data/boot/deb/vmlinuz"]);
+        // The image's part, then Keel's (its console last), then the operator's.
+        assert_eq!(
+            a[7],
+            "root=PARTUUID=x ro console=tty0 console=ttyS0,115200 console=ttyS0 reboot=k panic=1 pci=off keel.guest=deb quiet"
+        );
+        let i = a.iter().position(|x| x == "--initrd").expect("--initrd");
+        assert_eq!(a[i + 1], "/data/boot/deb/initrd.img");
     }
 }

@@ -6,6 +6,7 @@
 //! created or grown, never shrunk or deleted by Keel: a guest that disappears
 //! from the config leaves its data where it was.
 
+pub mod boot_entry;
 pub mod datafs;
 pub mod pool;
 pub mod volume;
