@@ -94,9 +94,12 @@ pub use crate::config::base_cmdline;
 /// `boot: disk` guest's disk said it boots (see `storage::boot_entry`).
 pub fn args(g: &Guest, paths: &Paths, disk_boot: Option<&Prepared>) -> Vec<OsString> {
     let cmdline = g.kernel_cmdline_after(disk_boot.map(|p| p.cmdline.as_str()));
-    let kernel = match disk_boot {
-        Some(p) => p.kernel.clone(),
-        None => paths.boot_file(&g.kernel, &paths.default_kernel),
+    let (kernel, initrd) = match disk_boot {
+        Some(p) => (p.kernel.clone(), p.initrd.clone()),
+        None => (
+            paths.boot_file(&g.kernel, &paths.default_kernel),
+            g.initrd.as_ref().map(|i| paths.boot_file(i, &paths.default_initrd)),
+        ),
     };
     let mut a: Vec<OsString> = vec![
         "--kernel".into(),
@@ -118,10 +121,6 @@ pub fn args(g: &Guest, paths: &Paths, disk_boot: Option<&Prepared>) -> Vec<OsStr
         "--shutdown-timeout".into(),
         paths.shutdown_timeout_secs.to_string().into(),
     ];
-    let initrd = match disk_boot {
-        Some(p) => p.initrd.clone(),
-        None => g.initrd.as_ref().map(|i| paths.boot_file(i, &paths.default_initrd)),
-    };
     if let Some(initrd) = initrd {
         a.push("--initrd".into());
         a.push(initrd.into());
@@ -148,6 +147,10 @@ pub fn args(g: &Guest, paths: &Paths, disk_boot: Option<&Prepared>) -> Vec<OsStr
 mod tests {
     use super::*;
 
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
     #[test]
     fn builds_the_vmm_arguments() {
         let text = "version: 1\nstorage: {pools: [{name: img}]}\nguests:\n  - name: web\n    vcpus: 2\n    memory: 256MiB\n    kernel: img/vmlinuz\n    initrd: default\n    cmdline: quiet\n";
@@ -157,10 +160,7 @@ mod tests {
             run_dir: "/run/keel".into(),
             ..Paths::default()
         };
-        let a: Vec<String> = args(&cfg.guests[0], &paths, None)
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
+        let a = strings(args(&cfg.guests[0], &paths, None));
         assert_eq!(
             a[0..6],
             [
@@ -195,10 +195,7 @@ mod tests {
             data_root: "/data".into(),
             ..Paths::default()
         };
-        let a: Vec<String> = args(&cfg.guests[0], &paths, None)
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
+        let a = strings(args(&cfg.guests[0], &paths, None));
         let tail = &a[a.len() - 8..];
         assert_eq!(
             tail[..6],
@@ -229,10 +226,7 @@ mod tests {
             found_by: "test".into(),
             warning: None,
         };
-        let a: Vec<String> = args(&cfg.guests[0], &paths, Some(&prepared))
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
+        let a = strings(args(&cfg.guests[0], &paths, Some(&prepared)));
         assert_eq!(a[0..2], ["--kernel", "/data/boot/deb/vmlinuz"]);
         // The image's part, then Keel's (its console last), then the operator's.
         assert_eq!(
