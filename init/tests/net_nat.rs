@@ -1,5 +1,6 @@
 //! NAT end to end: a "guest" namespace behind a Keel bridge pings an "upstream"
-//! namespace that has no route back to the guest subnet.
+//! namespace that has no route back to the guest subnet; then port forwards bring
+//! upstream's connections to the host's port in to the guest.
 //!
 //!   guest (g0 10.77.0.50) ── gp0 ─[br-nat 10.77.0.1]─ router ── up0 ── eth0 (198.51.100.1) upstream
 
@@ -85,5 +86,101 @@ fn guests_reach_upstream_only_through_nat() {
     assert!(
         !upstream.ping("10.77.0.50"),
         "upstream opened a connection into the NAT subnet"
+    );
+}
+
+/// The same topology, with guest `web` (static lease 10.77.0.50) and a forward of the
+/// host's tcp 2222 to its port 22 — checked with the real `nft`, conntrack and busybox nc.
+#[test]
+fn port_forwards_reach_the_guest_and_go_away_with_the_config() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options {
+        lease_dir: dir.path().join("leases"),
+        resolv_conf: dir.path().join("resolv.conf"),
+        carrier_timeout: std::time::Duration::from_secs(1),
+        dns_forwarder: false,
+    };
+    let router = Netns::new("fwdr");
+    let guest = Netns::new("fwdg");
+    let upstream = Netns::new("fwdu");
+    veth(&router, "up0", &upstream, "eth0");
+    veth(&router, "gp0", &guest, "g0");
+    upstream.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth0"]);
+    guest.ip(&["addr", "add", "10.77.0.50/24", "dev", "g0"]);
+    guest.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    let forwards = |list: &str| {
+        config(&format!(
+            "
+version: 1
+network:
+  uplink: {{interface: up0, address: 198.51.100.10/24}}
+  bridges:
+    - name: br-nat
+      mode: nat
+      address: 10.77.0.1/24
+      dhcp: {{range: 10.77.0.100-10.77.0.199, static_leases: [{{mac: \"02:00:00:00:77:50\", address: 10.77.0.50}}]}}
+      forwards: [{list}]
+guests:
+  - {{name: web, memory: 64MiB, nics: [{{bridge: br-nat, mac: \"02:00:00:00:77:50\"}}]}}
+"
+        ))
+    };
+    let c = forwards("{host_port: 2222, guest: web, guest_port: 22}");
+    let r = router.run(|| async { net::apply(&c, &o).await });
+    assert!(r.is_ok(), "{:?}", r.errors().collect::<Vec<_>>());
+    router.ip(&["link", "set", "gp0", "master", "br-nat"]);
+
+    // nft reads the rule back as the statement it stands for.
+    let table = router.nft_table_text("ip", "keel");
+    assert!(
+        table.contains("tcp dport 2222") && table.contains("dnat to 10.77.0.50:22"),
+        "no port forward in:\n{table}"
+    );
+    assert!(
+        table.contains("fib daddr type local"),
+        "forward not limited to local addresses:\n{table}"
+    );
+
+    guest.spawn(&["busybox", "nc", "-ll", "-p", "22", "-e", "/bin/echo", "guest-sshd"]);
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(5), || upstream
+            .exec(&["busybox", "nc", "-w", "1", "198.51.100.10", "2222"])
+            .stdout
+            .starts_with(b"guest-sshd")),
+        "upstream did not reach the guest through the host's port 2222:\n{table}"
+    );
+    let ct = router.exec_ok(&["conntrack", "-L", "-p", "tcp"]);
+    assert!(
+        ct.lines()
+            .any(|l| l.contains("dport=2222") && l.contains("src=10.77.0.50")),
+        "no destination NAT in conntrack:\n{ct}"
+    );
+    // The guest port itself is still closed from outside: only the forward leads in.
+    upstream.ip(&["route", "add", "10.77.0.0/24", "via", "198.51.100.10"]);
+    assert!(
+        !upstream
+            .exec(&["busybox", "nc", "-w", "1", "10.77.0.50", "22"])
+            .stdout
+            .starts_with(b"guest-sshd"),
+        "upstream reached the guest's port 22 without a forward"
+    );
+
+    // Re-applied without the forward, the rule is gone in the same batch as the rest.
+    let c = forwards("");
+    let r = router.run(|| async { net::apply(&c, &o).await });
+    assert!(r.is_ok(), "{:?}", r.errors().collect::<Vec<_>>());
+    let table = router.nft_table_text("ip", "keel");
+    assert!(!table.contains("dnat"), "forward left behind:\n{table}");
+    assert!(
+        table.contains("masquerade"),
+        "the rest of the table went with it:\n{table}"
+    );
+    assert!(
+        !upstream
+            .exec(&["busybox", "nc", "-w", "1", "198.51.100.10", "2222"])
+            .stdout
+            .starts_with(b"guest-sshd"),
+        "the removed forward still leads to the guest"
     );
 }

@@ -147,6 +147,9 @@ pub struct Bridge {
     /// DHCP server for guests on this bridge (`nat` and `isolated` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<Dhcp>,
+    /// Ports of the appliance that lead to a guest on this bridge (`nat` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<Forward>,
 }
 
 impl Decode for Bridge {
@@ -157,13 +160,15 @@ impl Decode for Bridge {
         let address = m.optional("address");
         let vlan = m.optional("vlan");
         let dhcp = m.optional("dhcp");
+        let forwards = m.or_default("forwards");
         m.finish();
         build!(Bridge {
             name,
             mode,
             address,
             vlan,
-            dhcp
+            dhcp,
+            forwards
         })
     }
 }
@@ -255,5 +260,99 @@ impl Decode for StaticLease {
         let hostname = m.optional("hostname");
         m.finish();
         build!(StaticLease { mac, address, hostname })
+    }
+}
+
+/// A port forward: connections to `host_port` on any of the appliance's own addresses
+/// (from anywhere but the guest's bridge) go to `guest_port` of the guest, like
+/// libvirt's and Proxmox's NAT port forwarding. The guest needs a fixed address: a
+/// static lease on this bridge for the MAC of its NIC here.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// The port on the appliance (1-65535).
+    pub host_port: Spanned<u16>,
+    /// The guest it leads to (one with a NIC on this bridge).
+    pub guest: Spanned<String>,
+    /// The port in the guest (1-65535).
+    pub guest_port: Spanned<u16>,
+    /// `tcp` (the default) or `udp`.
+    #[serde(default = "default_proto")]
+    pub proto: Spanned<Proto>,
+}
+
+fn default_proto() -> Spanned<Proto> {
+    Spanned::new(Proto::Tcp, Default::default())
+}
+
+impl Decode for Forward {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        let mut m = MapReader::new(node, "forward", d)?;
+        let host_port = m.required("host_port");
+        let guest = m.required("guest");
+        let guest_port = m.required("guest_port");
+        let proto = m.optional("proto").map(|v| v.unwrap_or_else(default_proto));
+        m.finish();
+        build!(Forward {
+            host_port,
+            guest,
+            guest_port,
+            proto
+        })
+    }
+}
+
+/// The transport protocol of a port forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl Decode for Proto {
+    fn decode(node: &Node, d: &mut Diagnostics) -> Option<Self> {
+        one_of(node, &[("tcp", Proto::Tcp), ("udp", Proto::Udp)], d)
+    }
+}
+
+impl Bridge {
+    /// The address a forward on this bridge leads to: the static lease of the MAC the
+    /// guest's NIC on this bridge has. The error says what to add to the config.
+    pub fn forward_address(&self, guests: &[Guest], f: &Forward) -> Result<Ipv4Addr, String> {
+        let Some(guest) = guests.iter().find(|g| g.name.value == f.guest.value) else {
+            return Err(format!(
+                "forward to guest `{}`, which is not declared under guests",
+                f.guest.value
+            ));
+        };
+        let Some(index) = guest.nics.iter().position(|n| n.bridge.value == self.name.value) else {
+            return Err(format!(
+                "guest `{}` has no NIC on bridge `{}`; add `{{bridge: {}}}` to its nics",
+                f.guest.value, self.name.value, self.name.value
+            ));
+        };
+        let mac = guest.nic_mac(index);
+        let lease = self
+            .dhcp
+            .iter()
+            .flat_map(|d| &d.static_leases)
+            .find(|l| l.mac.value == mac);
+        match lease {
+            Some(l) => Ok(l.address.value),
+            None => Err(format!(
+                "a forward needs a fixed address: add a static lease for guest `{}`'s NIC on `{}` (MAC {mac}) to the bridge's dhcp, e.g. `static_leases: [{{mac: \"{mac}\", address: ...}}]`",
+                f.guest.value, self.name.value
+            )),
+        }
     }
 }

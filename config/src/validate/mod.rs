@@ -15,9 +15,11 @@ use super::schema::{BootFile, BootSource, BridgeMode, Config, Guest, MacSpec, Po
 use super::units::{ByteSize, Ipv4Cidr, MacAddr};
 use super::yaml::Pos;
 
+mod forwards;
 mod guests;
 mod network;
 
+use forwards::check_forwards;
 use guests::check_guests;
 use network::check_network;
 
@@ -44,6 +46,7 @@ pub fn check(cfg: &Config, d: &mut Diagnostics) {
     check_network(cfg, d);
     check_storage(cfg, d);
     check_guests(cfg, d);
+    check_forwards(cfg, d);
     check_update(cfg, d);
 }
 
