@@ -31,7 +31,9 @@ pub use decode::Spanned;
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use schema::*;
 pub use units::{ByteSize, Duration, Ipv4Cidr, Ipv4Range, MacAddr};
-pub use validate::{MAX_GUEST_MEMORY, MAX_VCPUS, MIN_GUEST_MEMORY, parse_public_key};
+pub use validate::{
+    MAX_GUEST_MEMORY, MAX_USER_DATA, MAX_VCPUS, MIN_GUEST_MEMORY, check_cloud_config, parse_public_key,
+};
 
 use decode::Decode;
 

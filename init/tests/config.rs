@@ -34,6 +34,21 @@ fn shipped_configs_are_valid() {
     }
 }
 
+/// The example in README's config reference is a config that validates, field by field
+/// what an operator copies from.
+#[test]
+fn the_readme_config_example_is_valid() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let section = &readme[readme
+        .find("## Config reference")
+        .expect("README has a config reference")..];
+    let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    if let Err(d) = config::parse_str(text) {
+        panic!("README's config example:\n{}", d.render("README.md (config reference)"));
+    }
+}
+
 #[test]
 fn shipped_configs_round_trip_through_yaml() {
     for f in yaml_files(&repo_root().join("configs")) {

@@ -36,15 +36,7 @@ async fn serve(esp: &Esp, running: &str) -> PathBuf {
         data_root: esp.dir.path().join("data"),
         apply_lock: tokio::sync::Mutex::new(()),
         host_reconcile: Arc::new(|_| async { Vec::new() }.boxed()),
-        prepare_guest: Arc::new(|_| {
-            async {
-                Prepared {
-                    taps: Vec::new(),
-                    blockers: Vec::new(),
-                }
-            }
-            .boxed()
-        }),
+        prepare_guest: Arc::new(|_| async { Prepared::default() }.boxed()),
         update: Some(Arc::new(Agent::new(
             esp.root(),
             esp.efivars.clone(),

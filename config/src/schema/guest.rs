@@ -34,6 +34,9 @@ pub struct Guest {
     pub disks: Vec<Disk>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<Nic>,
+    /// A cloud-init NoCloud seed for the guest (see [`CloudInit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
     /// Start the guest when the appliance boots.
     #[serde(default = "default_true")]
     pub autostart: bool,
@@ -83,6 +86,7 @@ impl Decode for Guest {
         let cmdline = m.optional("cmdline");
         let disks = m.or_default("disks");
         let nics = m.or_default("nics");
+        let cloud_init = m.optional("cloud_init");
         let autostart = m.optional("autostart").map(|v| v.unwrap_or(true));
         let restart = m.or_default("restart");
         let start_timeout = m
@@ -102,6 +106,7 @@ impl Decode for Guest {
             cmdline,
             disks,
             nics,
+            cloud_init,
             autostart,
             restart,
             start_timeout,
@@ -401,10 +406,10 @@ impl Guest {
         cmdline
     }
 
-    /// The virtio devices keel-vmm gives this guest (disks, then NICs): what counts
-    /// against its device limit.
+    /// The virtio devices keel-vmm gives this guest (disks, the cloud-init seed, then
+    /// NICs): what counts against its device limit.
     pub fn virtio_devices(&self) -> usize {
-        self.disks.len() + self.nics.len()
+        self.disks.len() + usize::from(self.cloud_init.is_some()) + self.nics.len()
     }
 
     /// The MAC of NIC `index`: the fixed one, or for `auto` one derived from the

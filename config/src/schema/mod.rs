@@ -21,11 +21,13 @@ macro_rules! build {
     };
 }
 
+mod cloud_init;
 mod guest;
 mod host;
 mod network;
 mod storage;
 
+pub use cloud_init::*;
 pub use guest::*;
 pub use host::*;
 pub use network::*;

@@ -326,6 +326,14 @@ impl Decode for Proto {
 }
 
 impl Bridge {
+    /// The static lease this bridge's DHCP server gives `mac`, if any.
+    pub fn static_lease(&self, mac: MacAddr) -> Option<&StaticLease> {
+        self.dhcp
+            .iter()
+            .flat_map(|d| &d.static_leases)
+            .find(|l| l.mac.value == mac)
+    }
+
     /// The address a forward on this bridge leads to: the static lease of the MAC the
     /// guest's NIC on this bridge has. The error says what to add to the config.
     pub fn forward_address(&self, guests: &[Guest], f: &Forward) -> Result<Ipv4Addr, String> {
@@ -342,12 +350,7 @@ impl Bridge {
             ));
         };
         let mac = guest.nic_mac(index);
-        let lease = self
-            .dhcp
-            .iter()
-            .flat_map(|d| &d.static_leases)
-            .find(|l| l.mac.value == mac);
-        match lease {
+        match self.static_lease(mac) {
             Some(l) => Ok(l.address.value),
             None => Err(format!(
                 "a forward needs a fixed address: add a static lease for guest `{}`'s NIC on `{}` (MAC {mac}) to the bridge's dhcp, e.g. `static_leases: [{{mac: \"{mac}\", address: ...}}]`",

@@ -76,14 +76,23 @@ pub(super) fn check_guests(cfg: &Config, d: &mut Diagnostics) {
         if keel_vmm_api::limits::check_devices(devices).is_err() {
             // At the first device past the limit (disks come first, then NICs).
             let over = keel_vmm_api::limits::MAX_DEVICES;
+            let seed = usize::from(g.cloud_init.is_some());
             let at = match g.disks.get(over) {
                 Some(disk) => disk.volume.pos,
-                None => g.nics.get(over - g.disks.len()).map_or(g.name.pos, |n| n.bridge.pos),
+                None => g
+                    .nics
+                    .get(over.saturating_sub(g.disks.len() + seed))
+                    .map_or(g.name.pos, |n| n.bridge.pos),
+            };
+            let seed_note = if seed == 1 {
+                " (its cloud-init seed is a disk too)"
+            } else {
+                ""
             };
             d.error(
                 at,
                 format!(
-                    "guest `{name}` has {devices} disks and NICs; keel-vmm gives a guest at most {} virtio devices",
+                    "guest `{name}` has {devices} disks and NICs{seed_note}; keel-vmm gives a guest at most {} virtio devices",
                     keel_vmm_api::limits::MAX_DEVICES
                 ),
             );

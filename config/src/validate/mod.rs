@@ -15,10 +15,12 @@ use super::schema::{BootFile, BootSource, BridgeMode, Config, Guest, MacSpec, Po
 use super::units::{ByteSize, Ipv4Cidr, MacAddr};
 use super::yaml::Pos;
 
+mod cloud_init;
 mod forwards;
 mod guests;
 mod network;
 
+pub use cloud_init::{MAX_USER_DATA, check_cloud_config};
 use forwards::check_forwards;
 use guests::check_guests;
 use network::check_network;
@@ -46,6 +48,11 @@ pub fn check(cfg: &Config, d: &mut Diagnostics) {
     check_network(cfg, d);
     check_storage(cfg, d);
     check_guests(cfg, d);
+    for g in &cfg.guests {
+        if let Some(c) = &g.cloud_init {
+            cloud_init::check_cloud_init(cfg, g, c, d);
+        }
+    }
     check_forwards(cfg, d);
     check_update(cfg, d);
 }

@@ -449,6 +449,7 @@ mod tests {
             Prepared {
                 taps: Vec::new(),
                 blockers: vec!["bridge br0 is not up".into()],
+                ..Prepared::default()
             },
         );
         assert!(matches!(sup.start("g"), Err(OpError::Blocked { .. })));

@@ -7,8 +7,10 @@
 //! - [`vmm_control`]: the client of keel-vmm's control socket;
 //! - [`console`], [`vmm_log`]: the guest's console ring and log, the VMM's stderr;
 //! - [`resources`]: the host side (taps, volumes) prepared before a guest starts;
-//! - [`stuck`]: what a VMM that does not move is doing (its kernel stacks).
+//! - [`stuck`]: what a VMM that does not move is doing (its kernel stacks);
+//! - [`cloud_init`]: a guest's NoCloud seed (its files and the vfat disk they go on).
 
+pub mod cloud_init;
 pub mod console;
 mod lifecycle;
 pub mod resources;

@@ -12,7 +12,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tracing::warn;
 
-use crate::config::{Config, Guest};
+use crate::config::{Bridge, Config, Guest};
 use crate::guest::Prepared;
 use crate::logging::LevelHandle;
 use crate::{layout, net, storage};
@@ -22,6 +22,8 @@ use crate::{layout, net, storage};
 pub struct Readiness {
     pub volumes: HashSet<String>,
     pub bridges: HashSet<String>,
+    /// The applied config's bridges (cloud-init seeds give a NIC its static lease).
+    pub bridge_specs: Vec<Bridge>,
 }
 
 impl Readiness {
@@ -34,6 +36,7 @@ impl Readiness {
     }
 
     pub fn update_network(&mut self, cfg: &Config, report: &net::Report) {
+        self.bridge_specs = cfg.network.bridges.clone();
         self.bridges = cfg
             .network
             .bridges
@@ -122,7 +125,11 @@ impl GuestResources {
 
     /// Blockers and taps for one guest. A tap that cannot be made blocks the guest.
     pub async fn prepare(&self, g: &Guest) -> Prepared {
-        let mut blockers = self.readiness().blockers(g, self.networking);
+        let (mut blockers, nic_networks) = {
+            let r = self.readiness();
+            let nets = crate::guest::cloud_init::nic_networks(g, &r.bridge_specs);
+            (r.blockers(g, self.networking), nets)
+        };
         let mut taps = Vec::new();
         if blockers.is_empty() {
             for (i, nic) in g.nics.iter().enumerate() {
@@ -137,7 +144,11 @@ impl GuestResources {
             warn!(guest = g.name.as_str(), "held back: {}", blockers.join("; "));
             taps.clear();
         }
-        Prepared { taps, blockers }
+        Prepared {
+            taps,
+            blockers,
+            nic_networks,
+        }
     }
 
     /// The host-level part of applying `cfg`: storage (and on the appliance the

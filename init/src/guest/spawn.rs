@@ -29,6 +29,12 @@ pub(super) fn spawn(g: &Guest, paths: &Paths, slot: &Slot) -> std::io::Result<i3
         BootSource::Disk => Some(disk_boot(g, paths)?),
         BootSource::Kernel => None,
     };
+    if let Some(c) = &g.cloud_init {
+        let seed =
+            super::cloud_init::write_seed(g, c, &slot.resources.nic_networks, paths).map_err(std::io::Error::other)?;
+        let instance = seed.meta_data.lines().next().unwrap_or_default();
+        info!(guest = name, "cloud-init seed written ({instance})");
+    }
     let console_path = paths.console_socket(name);
     let _ = std::fs::remove_file(&console_path);
     let _ = std::fs::remove_file(paths.vmm_socket(name));

@@ -79,6 +79,8 @@ pub struct Prepared {
     pub taps: Vec<crate::net::tap::Tap>,
     /// Why the guest cannot start (a bridge or volume is missing); empty when it can.
     pub blockers: Vec<String>,
+    /// How each NIC is addressed, for a cloud-init seed's network-config.
+    pub nic_networks: Vec<super::cloud_init::NicNetwork>,
 }
 
 /// All guests of the applied config.

@@ -73,6 +73,12 @@ impl Paths {
         self.data_root.join("boot").join(guest)
     }
 
+    /// A guest's cloud-init seed disk, made again at every start (in the run dir:
+    /// a few KiB of a sparse image).
+    pub fn cloud_init_seed(&self, guest: &str) -> PathBuf {
+        self.guest_run_dir(guest).join("cidata.img")
+    }
+
     pub fn pool_file(&self, p: &PoolPath) -> PathBuf {
         layout::pool_dir(&self.data_root, &p.pool).join(&p.path)
     }
@@ -132,6 +138,14 @@ pub fn args(g: &Guest, paths: &Paths, disk_boot: Option<&Prepared>) -> Vec<OsStr
         if d.readonly {
             spec.push(",readonly=on");
         }
+        a.push("--disk".into());
+        a.push(spec);
+    }
+    // The cloud-init seed after the guest's own disks, so they keep vda, vdb, ...
+    if g.cloud_init.is_some() {
+        let mut spec = OsString::from("path=");
+        spec.push(paths.cloud_init_seed(&g.name));
+        spec.push(",readonly=on");
         a.push("--disk".into());
         a.push(spec);
     }
@@ -209,6 +223,27 @@ mod tests {
             ]
         );
         assert_eq!(tail[7], format!("fd=4,mac={}", cfg.guests[0].nic_mac(1)));
+    }
+
+    #[test]
+    fn the_cloud_init_seed_comes_after_the_guests_own_disks() {
+        let text = "version: 1\nstorage: {pools: [{name: p}]}\nguests:\n  - name: g\n    memory: 64MiB\n    boot: disk\n    disks: [{volume: p/root, size: 1GiB}]\n    cloud_init: {runcmd: [\"true\"]}\n";
+        let cfg = crate::config::parse_str(text).expect("valid").config;
+        let paths = Paths {
+            data_root: "/data".into(),
+            run_dir: "/run/keel".into(),
+            ..Paths::default()
+        };
+        let a = strings(args(&cfg.guests[0], &paths, None));
+        assert_eq!(
+            a[a.len() - 4..],
+            [
+                "--disk",
+                "path=/data/pools/p/root",
+                "--disk",
+                "path=/run/keel/guests/g/cidata.img,readonly=on"
+            ]
+        );
     }
 
     #[test]
