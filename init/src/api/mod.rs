@@ -25,10 +25,12 @@ pub mod config_store;
 mod guests;
 pub mod host;
 mod http;
+mod images;
 pub mod metrics;
 pub mod plan;
 mod server;
 pub mod update;
+mod upload;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};

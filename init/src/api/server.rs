@@ -16,9 +16,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, info, warn};
 
-use super::guests;
 use super::http::{ApiError, Body, STOP_SLACK, flag, json, seconds, text};
 use super::{ApiContext, AppliedConfig, ApplyResult, ErrorBody, config_store, host, metrics, plan};
+use super::{guests, images};
 use crate::guest::vmm_control;
 use crate::guest::{DEFAULT_STOP_TIMEOUT, StopHandle};
 
@@ -212,16 +212,26 @@ async fn route(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response<
         .await
         .map(|r| json(StatusCode::OK, &r))
         .map_err(|e| ApiError::new(e.status, e.message)),
+        (&Method::GET, ["v1", "images"]) => Ok(json(StatusCode::OK, &images::list(&ctx))),
+        (&Method::PUT, ["v1", "images", name]) => images::import(&ctx, name, &q, req.into_body())
+            .await
+            .map(|i| json(StatusCode::CREATED, &i)),
+        (&Method::DELETE, ["v1", "images", name]) => images::remove(&ctx, name, &q).map(|i| json(StatusCode::OK, &i)),
         (&Method::POST, ["v1", "rollback"]) => super::update::rollback(ctx.update.clone(), flag(&q, "reboot"))
             .await
             .map(|r| json(StatusCode::OK, &r))
             .map_err(|e| ApiError::new(e.status, e.message)),
-        (_, ["v1", "guests", ..] | ["v1", "config"] | ["v1", "host"] | ["metrics"] | ["v1", "update" | "rollback"]) => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on /{path}"),
-            ))
-        }
+        (
+            _,
+            ["v1", "guests" | "images", ..]
+            | ["v1", "config"]
+            | ["v1", "host"]
+            | ["metrics"]
+            | ["v1", "update" | "rollback"],
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on /{path}"),
+        )),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no such API path: /{path}"),

@@ -1,24 +1,19 @@
 //! The update endpoints: `POST /v1/update` (the request body is a bundle, streamed
 //! straight into the update agent) and `POST /v1/rollback`. Both take `?reboot=1`.
 //!
-//! The agent works with blocking file I/O (fsyncs on the ESP), so it runs on a
-//! blocking thread and reads the body through a small channel: the body is never
-//! held in memory whole, and a slow ESP slows the upload down instead of buffering.
+//! The agent works with blocking file I/O (fsyncs on the ESP), so it reads the body
+//! on a blocking thread (`upload::into_blocking`).
 
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use http_body_util::BodyExt;
+use bytes::Bytes;
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::update::{Agent, BundleError, InstallError, Installed, RollbackError, RolledBack};
 
-/// Chunks in flight between the connection and the installer.
-const CHANNEL_DEPTH: usize = 8;
 /// Time for the answer to reach the client before PID 1 reboots.
 const REBOOT_DELAY: Duration = Duration::from_millis(500);
 
@@ -91,32 +86,10 @@ fn internal(what: &str, e: impl std::fmt::Display) -> UpdateApiError {
     }
 }
 
-/// A blocking `Read` over the chunks the connection task sends.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.current = chunk,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        Ok(n)
-    }
-}
-
 /// `POST /v1/update[?allow_downgrade=1][&reboot=1]`.
 pub async fn install<B>(
     agent: Option<Arc<Agent>>,
-    mut body: B,
+    body: B,
     allow_downgrade: bool,
     reboot: bool,
 ) -> Result<UpdateResult, UpdateApiError>
@@ -125,12 +98,7 @@ where
     B::Error: std::fmt::Display,
 {
     let agent = agent.ok_or_else(unavailable)?;
-    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
-    let installer = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
+    let installer = super::upload::into_blocking(body, move |reader| {
         let mut logged = 0;
         agent.apply(reader, allow_downgrade, |done, total| {
             let quarter = done * 4 / total.max(1);
@@ -140,23 +108,6 @@ where
             }
         })
     });
-    while let Some(frame) = body.frame().await {
-        let chunk = match frame {
-            Ok(f) => match f.into_data() {
-                Ok(data) => Ok(data),
-                Err(_) => continue, // trailers
-            },
-            Err(e) => Err(std::io::Error::other(format!("the upload broke off: {e}"))),
-        };
-        let failed = chunk.is_err();
-        // The installer stopped reading (it refused the bundle): stop feeding it.
-        if tx.send(chunk).await.is_err() || failed {
-            break;
-        }
-    }
-    drop(tx);
-    // Read what the client still sends, so it sees the answer instead of a reset.
-    while let Some(Ok(_)) = body.frame().await {}
     let installed = installer
         .await
         .map_err(|e| internal("the installer task failed", e))??;

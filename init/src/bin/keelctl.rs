@@ -16,10 +16,14 @@ use keel_init::guest::GuestStatus;
 // A directory, not src/bin/update.rs, which Cargo would take for a binary of its own.
 #[path = "keelctl/console.rs"]
 mod console;
+#[path = "keelctl/image.rs"]
+mod image;
 #[path = "keelctl/output.rs"]
 mod output;
 #[path = "keelctl/update.rs"]
 mod update;
+#[path = "keelctl/upload.rs"]
+mod upload;
 
 use console::console;
 use output::*;
@@ -41,6 +45,8 @@ Examples:
   keelctl diff keel.yaml            # field-by-field differences
   keelctl host                      # versions, boot slots, CPU, memory, pools
   keelctl metrics                   # Prometheus text
+  keelctl image import debian-12 debian-12-genericcloud-amd64.qcow2   # into a pool
+  keelctl image list
   keelctl update --reboot keel-1.2.0.keel   # install an OS update (file or URL)
   keelctl rollback --reboot         # back to the previous OS version
   keelctl --host http://10.0.0.2:7070 --token-file ~/.keel-token list
@@ -185,6 +191,11 @@ enum Command {
         /// Accept a bundle older than the running version.
         #[arg(long)]
         allow_downgrade: bool,
+    },
+    /// Disk images in the pools: import (raw or qcow2, with progress), list, rm.
+    Image {
+        #[command(subcommand)]
+        cmd: image::ImageCommand,
     },
     /// Make the previous OS version boot next.
     #[command(
@@ -376,6 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             other => other,
         },
         Command::Rollback { reboot } => update::rollback(&client, reboot, json).await,
+        Command::Image { cmd } => image::run(&client, cmd, json).await,
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod boot_entry;
 pub mod datafs;
+pub mod image;
 pub mod pool;
 pub mod volume;
 
