@@ -26,6 +26,56 @@ pub struct HostInfo {
     pub memory_total_bytes: u64,
     pub memory_available_bytes: u64,
     pub pools: Vec<PoolUsage>,
+    /// How images are cloned into volumes on this appliance's KEEL-DATA.
+    #[serde(default)]
+    pub clones: Clones,
+}
+
+/// Whether clones are instant here, and why not when they are not.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Clones {
+    /// `reflink` (instant, shared blocks) or `sparse copy`.
+    pub method: String,
+    /// KEEL-DATA's file system type.
+    pub filesystem: String,
+    /// For the operator, when clones are not instant.
+    pub note: Option<String>,
+}
+
+/// Probes KEEL-DATA (a reflink of a scratch file) for how clones are made.
+pub fn clones(data_root: &Path) -> Clones {
+    let filesystem = nix::sys::statfs::statfs(data_root)
+        .map(|s| fs_name(s.filesystem_type().0))
+        .unwrap_or_else(|_| "unknown".into());
+    match crate::storage::clone::supports_reflink(data_root) {
+        Ok(true) => Clones {
+            method: "reflink".into(),
+            filesystem,
+            note: None,
+        },
+        Ok(false) => Clones {
+            method: "sparse copy".into(),
+            note: Some(format!(
+                "clones are not instant on this appliance: KEEL-DATA is {filesystem} (made by an earlier Keel, or on a file system without reflinks), so a volume seeded from an image is a sparse copy of its data; every volume works as before"
+            )),
+            filesystem,
+        },
+        Err(e) => Clones {
+            method: "unknown".into(),
+            note: Some(format!("cannot probe KEEL-DATA at {}: {e}", data_root.display())),
+            filesystem,
+        },
+    }
+}
+
+fn fs_name(magic: i64) -> String {
+    match magic {
+        0xEF53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        other => format!("{other:#x}"),
+    }
 }
 
 /// One installed OS version on the ESP.
@@ -232,6 +282,7 @@ pub async fn collect(
         memory_total_bytes,
         memory_available_bytes,
         pools: pools(cfg, data_root),
+        clones: clones(data_root),
     }
 }
 

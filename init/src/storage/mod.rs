@@ -7,6 +7,7 @@
 //! from the config leaves its data where it was.
 
 pub mod boot_entry;
+pub mod clone;
 pub mod datafs;
 pub mod image;
 pub mod pool;

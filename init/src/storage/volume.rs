@@ -1,8 +1,9 @@
 //! Volumes: raw disk images in a pool, sparse from the start.
 //!
 //! A new volume is a file of the declared size with nothing allocated
-//! (ftruncate), or a copy of its `source` image that keeps the image's holes
-//! (SEEK_DATA/SEEK_HOLE, and all-zero blocks are skipped too), finished under a
+//! (ftruncate), or a clone of its `source` image (`clone`: a reflink where KEEL-DATA
+//! shares blocks, else a copy that keeps the image's holes — SEEK_DATA/SEEK_HOLE,
+//! and all-zero blocks are skipped too), finished under a
 //! temporary name and renamed into place so a crash never leaves half a volume
 //! that looks complete. An existing volume is grown when its declared size
 //! grew; it is never shrunk, and never deleted.
@@ -165,8 +166,8 @@ fn create(
     let copied = match &source {
         Some(sp) => {
             let src = File::open(sp).map_err(io_err(sp, "open source"))?;
-            let n = copy_sparse(&src, &dst, &name).map_err(io_err(&tmp, "copy source"))?;
-            Some((sp, n))
+            let how = super::clone::clone_into(&src, &dst, &name).map_err(io_err(&tmp, "clone source"))?;
+            Some((sp, how))
         }
         None => None,
     };
@@ -180,8 +181,13 @@ fn create(
         let _ = d.sync_all();
     }
     Ok(match copied {
-        Some((sp, n)) => format!(
-            "created {} from {} ({} of data copied)",
+        Some((sp, (super::clone::CloneMethod::Reflink, _))) => format!(
+            "created {} from {} (reflink: shares its blocks, nothing copied)",
+            human(spec.size),
+            sp.display()
+        ),
+        Some((sp, (super::clone::CloneMethod::SparseCopy, n))) => format!(
+            "created {} from {} (sparse copy: {} of data copied; this file system has no reflinks)",
             human(spec.size),
             sp.display(),
             human(n)

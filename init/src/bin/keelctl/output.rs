@@ -224,7 +224,14 @@ pub fn print_host(h: &HostInfo) {
                 human_bytes(h.memory_total_bytes)
             ),
         ],
+        vec![
+            "Clones:".into(),
+            format!("{} (KEEL-DATA is {})", h.clones.method, h.clones.filesystem),
+        ],
     ]);
+    if let Some(note) = &h.clones.note {
+        println!("  note: {note}");
+    }
     println!();
     if h.boot_slots.is_empty() {
         println!("Boot slots: none found on the ESP");
