@@ -246,3 +246,32 @@ fn bad_images_are_refused_with_nothing_left_behind() {
     let e = import_file(&p, "Bad/Name", &raw, None, u64::MAX).unwrap_err();
     assert!(matches!(e, ImageError::BadName(_)), "{e}");
 }
+
+#[test]
+fn a_disk_declared_with_an_image_is_seeded_from_it() {
+    let work = tempfile::tempdir().unwrap();
+    let raw = sample_raw(work.path());
+    let p = pool();
+    import_file(&p, "deb", &raw, None, u64::MAX).unwrap();
+    let data_root = p.path.parent().unwrap().parent().unwrap().to_owned();
+    let text = "version: 1\nstorage: {pools: [{name: p}]}\nguests:\n  - name: web\n    memory: 256MiB\n    disks: [{volume: p/web, size: 128MiB, image: p/deb}]\n";
+    let cfg = keel_init::config::parse_str(text).expect("valid").config;
+    let report = keel_init::storage::reconcile(&cfg, &data_root);
+    assert_eq!(report.errors().count(), 0, "{report:?}");
+    let volume = std::fs::read(p.path.join("web")).unwrap();
+    assert_eq!(volume.len() as u64, 128 * MIB);
+    assert!(
+        volume[..64 * MIB as usize] == std::fs::read(&raw).unwrap()[..],
+        "the volume is not the image"
+    );
+
+    // An image that was never imported: the error says how to import it.
+    let text = text.replace("p/web", "p/web2").replace("p/deb", "p/nope");
+    let cfg = keel_init::config::parse_str(&text).expect("valid").config;
+    let report = keel_init::storage::reconcile(&cfg, &data_root);
+    let errors: Vec<String> = report
+        .errors()
+        .filter_map(|i| i.result.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("keelctl image import")), "{errors:?}");
+}

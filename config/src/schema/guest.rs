@@ -200,9 +200,27 @@ pub struct Disk {
     /// Attach read-only.
     #[serde(default)]
     pub readonly: bool,
-    /// Seed a new volume from this image (POOL/FILE), copying sparsely.
+    /// Seed a new volume from this file (POOL/FILE): a clone (reflink, else a sparse copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Spanned<PoolPath>>,
+    /// Seed a new volume from an imported image (POOL/NAME, from `keelctl image
+    /// import`): the same as `source: POOL/images/NAME.raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Spanned<PoolPath>>,
+}
+
+impl Disk {
+    /// The file a new volume is seeded from: `source`, or the file of `image`.
+    pub fn seed_source(&self) -> Option<PoolPath> {
+        match (&self.source, &self.image) {
+            (Some(s), _) => Some(s.value.clone()),
+            (None, Some(i)) => Some(PoolPath {
+                pool: i.pool.clone(),
+                path: format!("images/{}.raw", i.path),
+            }),
+            (None, None) => None,
+        }
+    }
 }
 
 impl Decode for Disk {
@@ -212,12 +230,14 @@ impl Decode for Disk {
         let size = m.required("size");
         let readonly = m.optional("readonly").map(|v| v.unwrap_or(false));
         let source = m.optional("source");
+        let image = m.optional("image");
         m.finish();
         build!(Disk {
             volume,
             size,
             readonly,
-            source
+            source,
+            image
         })
     }
 }

@@ -123,6 +123,30 @@ pub(super) fn check_guests(cfg: &Config, d: &mut Diagnostics) {
                     ),
                 );
             }
+            if let Some(img) = &disk.image {
+                check_pool_ref(cfg, img, "image", d);
+                if disk.source.is_some() {
+                    d.error(
+                        img.pos,
+                        "give `source` (a file) or `image` (an imported image), not both",
+                    );
+                }
+                let name = &img.path;
+                let ok = name
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+                if !ok {
+                    d.error(
+                        img.pos,
+                        format!("image `{}`: write POOL/NAME with the name `keelctl image list` shows (lowercase letters, digits, `.`, `_`, `-`)", img.value),
+                    );
+                }
+            }
             if let Some(src) = &disk.source {
                 check_pool_ref(cfg, src, "source image", d);
                 if src.value == disk.volume.value {

@@ -55,7 +55,7 @@ pub enum StorageError {
         allocated: u64,
         needed: u64,
     },
-    #[error("volume {volume}: source {source_file} does not exist in pool {pool}; copy the image there first", source_file = source_path.display())]
+    #[error("volume {volume}: source {source_file} does not exist in pool {pool}; import it first (keelctl image import --pool {pool} NAME FILE makes {pool}/images/NAME.raw)", source_file = source_path.display())]
     SourceMissing {
         volume: String,
         pool: String,

@@ -42,13 +42,13 @@ pub fn declared(cfg: &Config) -> Vec<VolumeSpec> {
                 Some(v) => {
                     v.size = v.size.max(size);
                     if v.source.is_none() {
-                        v.source = d.source.as_ref().map(|s| s.value.clone());
+                        v.source = d.seed_source();
                     }
                 }
                 None => out.push(VolumeSpec {
                     volume: d.volume.value.clone(),
                     size,
-                    source: d.source.as_ref().map(|s| s.value.clone()),
+                    source: d.seed_source(),
                 }),
             }
         }
