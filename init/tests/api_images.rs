@@ -138,3 +138,74 @@ fn images_go_in_with_progress_checksums_and_come_out_as_qemu_img_converts_them()
     assert_eq!(app.ok(&["--json", "image", "list"]).trim(), "[]");
     assert!(std::fs::read_dir(&images_dir).unwrap().next().is_none());
 }
+
+#[test]
+fn volumes_are_created_grown_cloned_and_removed_only_by_the_operator() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (keel-init's API socket is root-only)"
+    );
+    let config = "\
+version: 1
+storage:
+  pools:
+    - name: images
+guests:
+  - name: web
+    memory: 32MiB
+    autostart: false
+    disks: [{volume: images/web-root, size: 64MiB}]
+";
+    let app = Appliance::start(config, &[]);
+    let vols = |app: &Appliance| -> serde_json::Value {
+        serde_json::from_str(&app.ok(&["--json", "volume", "list"])).unwrap()
+    };
+    let listed = vols(&app);
+    assert_eq!(listed[0]["name"], "images/web-root", "{listed}");
+    assert_eq!(listed[0]["used_by"][0], "web", "{listed}");
+
+    app.ok(&["volume", "create", "images/scratch", "64MiB"]);
+    let again = app.keelctl(&["volume", "create", "images/scratch", "64MiB"]);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{again:?}"
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(app.path("var/lib/keel/pools/images/scratch"))
+            .unwrap();
+        f.write_all_at(b"keel volume data", 5 << 20).unwrap();
+    }
+    let grown: serde_json::Value =
+        serde_json::from_str(&app.ok(&["--json", "volume", "resize", "images/scratch", "128MiB"])).unwrap();
+    assert_eq!(grown["size"], 128u64 << 20);
+    let shrink = app.keelctl(&["volume", "resize", "images/scratch", "32MiB"]);
+    assert!(
+        String::from_utf8_lossy(&shrink.stderr).contains("never shrunk"),
+        "{shrink:?}"
+    );
+
+    app.ok(&["volume", "clone", "images/scratch", "images/copy"]);
+    assert_eq!(
+        std::fs::read(app.path("var/lib/keel/pools/images/copy")).unwrap(),
+        std::fs::read(app.path("var/lib/keel/pools/images/scratch")).unwrap()
+    );
+
+    let refused = app.keelctl(&["volume", "rm", "images/web-root"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("used by web"),
+        "{refused:?}"
+    );
+    app.ok(&["volume", "rm", "--force", "images/web-root"]);
+    app.ok(&["volume", "rm", "images/copy"]);
+    let names: Vec<String> = vols(&app)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["images/scratch"]);
+}

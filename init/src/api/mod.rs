@@ -31,6 +31,7 @@ pub mod plan;
 mod server;
 pub mod update;
 mod upload;
+mod volumes;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -58,6 +58,10 @@ pub struct GuestPlan {
     pub action: GuestAction,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<FieldChange>,
+    /// A removed guest's volumes that no guest of the new config uses: Keel keeps
+    /// them (`keelctl volume rm` deletes one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_volumes: Vec<String>,
 }
 
 /// Changes outside `guests:` (host, network, storage, update), reconciled as a whole.
@@ -112,12 +116,14 @@ pub fn compute(old: Option<&Config>, new: &Config, is_active: impl Fn(&str) -> b
                 },
                 guest: name,
                 changes: Vec::new(),
+                kept_volumes: Vec::new(),
             },
             Some(o) => {
                 let mut plan = GuestPlan {
                     guest: name,
                     action: GuestAction::Unchanged,
                     changes: diff_values(&to_json(o), &to_json(g)),
+                    kept_volumes: Vec::new(),
                 };
                 if !plan.changes.is_empty() {
                     plan.action = if plan.affects_vm() && is_active(&plan.guest) {
@@ -133,10 +139,18 @@ pub fn compute(old: Option<&Config>, new: &Config, is_active: impl Fn(&str) -> b
     }
     for o in old_guests {
         if !new.guests.iter().any(|g| g.name.value == o.name.value) {
+            let still_used =
+                |v: &crate::config::PoolPath| new.guests.iter().flat_map(|g| &g.disks).any(|d| d.volume.value == *v);
             guests.push(GuestPlan {
                 guest: o.name.value.clone(),
                 action: GuestAction::Remove,
                 changes: Vec::new(),
+                kept_volumes: o
+                    .disks
+                    .iter()
+                    .filter(|d| !still_used(&d.volume.value))
+                    .map(|d| d.volume.value.to_string())
+                    .collect(),
             });
         }
     }
@@ -228,8 +242,8 @@ mod tests {
         crate::config::parse_str(text).expect("valid").config
     }
 
-    const OLD: &str = "version: 1\nguests:\n  - name: keep\n    memory: 64MiB\n  - name: grow\n    memory: 64MiB\n  - name: policy\n    memory: 64MiB\n  - name: gone\n    memory: 64MiB\n  - name: idle\n    memory: 64MiB\n";
-    const NEW: &str = "version: 1\nhost: {hostname: lab}\nguests:\n  - name: keep\n    memory: 64MiB\n  - name: grow\n    memory: 128MiB\n    vcpus: 2\n  - name: policy\n    memory: 64MiB\n    restart: {policy: always}\n  - name: idle\n    memory: 32MiB\n  - name: fresh\n    memory: 64MiB\n  - name: later\n    memory: 64MiB\n    autostart: false\n";
+    const OLD: &str = "version: 1\nstorage: {pools: [{name: p}]}\nguests:\n  - name: keep\n    memory: 64MiB\n    disks: [{volume: p/shared, size: 1GiB, readonly: true}]\n  - name: grow\n    memory: 64MiB\n  - name: policy\n    memory: 64MiB\n  - name: gone\n    memory: 64MiB\n    disks: [{volume: p/gone-root, size: 1GiB}, {volume: p/shared, size: 1GiB, readonly: true}]\n  - name: idle\n    memory: 64MiB\n";
+    const NEW: &str = "version: 1\nhost: {hostname: lab}\nstorage: {pools: [{name: p}]}\nguests:\n  - name: keep\n    memory: 64MiB\n    disks: [{volume: p/shared, size: 1GiB, readonly: true}]\n  - name: grow\n    memory: 128MiB\n    vcpus: 2\n  - name: policy\n    memory: 64MiB\n    restart: {policy: always}\n  - name: idle\n    memory: 32MiB\n  - name: fresh\n    memory: 64MiB\n  - name: later\n    memory: 64MiB\n    autostart: false\n";
 
     #[test]
     fn plans_every_kind_of_change() {
@@ -240,6 +254,10 @@ mod tests {
         assert_eq!(action("policy"), Some(GuestAction::Update));
         assert_eq!(action("idle"), Some(GuestAction::Update), "not running: no restart");
         assert_eq!(action("gone"), Some(GuestAction::Remove));
+        assert_eq!(
+            plan.guest("gone").map(|g| g.kept_volumes.clone()),
+            Some(vec!["p/gone-root".to_string()])
+        );
         assert_eq!(action("fresh"), Some(GuestAction::Start));
         assert_eq!(action("later"), Some(GuestAction::Add));
         let grow = &plan.guest("grow").unwrap().changes;

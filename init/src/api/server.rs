@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::http::{ApiError, Body, STOP_SLACK, flag, json, seconds, text};
 use super::{ApiContext, AppliedConfig, ApplyResult, ErrorBody, config_store, host, metrics, plan};
-use super::{guests, images};
+use super::{guests, images, volumes};
 use crate::guest::vmm_control;
 use crate::guest::{DEFAULT_STOP_TIMEOUT, StopHandle};
 
@@ -217,13 +217,21 @@ async fn route(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response<
             .await
             .map(|i| json(StatusCode::CREATED, &i)),
         (&Method::DELETE, ["v1", "images", name]) => images::remove(&ctx, name, &q).map(|i| json(StatusCode::OK, &i)),
+        (&Method::GET, ["v1", "volumes"]) => volumes::list(&ctx).map(|v| json(StatusCode::OK, &v)),
+        (&Method::POST, ["v1", "volumes"]) => volumes::action(&ctx, None, &q)
+            .await
+            .map(|v| json(StatusCode::CREATED, &v)),
+        (&Method::POST, ["v1", "volumes", action]) => volumes::action(&ctx, Some(action), &q)
+            .await
+            .map(|v| json(StatusCode::OK, &v)),
+        (&Method::DELETE, ["v1", "volumes"]) => volumes::remove(&ctx, &q).map(|v| json(StatusCode::OK, &v)),
         (&Method::POST, ["v1", "rollback"]) => super::update::rollback(ctx.update.clone(), flag(&q, "reboot"))
             .await
             .map(|r| json(StatusCode::OK, &r))
             .map_err(|e| ApiError::new(e.status, e.message)),
         (
             _,
-            ["v1", "guests" | "images", ..]
+            ["v1", "guests" | "images" | "volumes", ..]
             | ["v1", "config"]
             | ["v1", "host"]
             | ["metrics"]

@@ -24,6 +24,8 @@ mod output;
 mod update;
 #[path = "keelctl/upload.rs"]
 mod upload;
+#[path = "keelctl/volume.rs"]
+mod volume;
 
 use console::console;
 use output::*;
@@ -47,6 +49,7 @@ Examples:
   keelctl metrics                   # Prometheus text
   keelctl image import debian-12 debian-12-genericcloud-amd64.qcow2   # into a pool
   keelctl image list
+  keelctl volume list; keelctl volume clone fast/web fast/web-copy
   keelctl update --reboot keel-1.2.0.keel   # install an OS update (file or URL)
   keelctl rollback --reboot         # back to the previous OS version
   keelctl --host http://10.0.0.2:7070 --token-file ~/.keel-token list
@@ -196,6 +199,12 @@ enum Command {
     Image {
         #[command(subcommand)]
         cmd: image::ImageCommand,
+    },
+    /// Volumes in the pools: list, create, resize, clone, rm.
+    #[command(after_help = volume::VOLUME_HELP)]
+    Volume {
+        #[command(subcommand)]
+        cmd: volume::VolumeCommand,
     },
     /// Make the previous OS version boot next.
     #[command(
@@ -388,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         },
         Command::Rollback { reboot } => update::rollback(&client, reboot, json).await,
         Command::Image { cmd } => image::run(&client, cmd, json).await,
+        Command::Volume { cmd } => volume::run(&client, cmd, json).await,
     }
 }
 

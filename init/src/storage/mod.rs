@@ -12,6 +12,7 @@ pub mod datafs;
 pub mod image;
 pub mod pool;
 pub mod volume;
+pub mod volume_admin;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

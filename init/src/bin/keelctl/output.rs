@@ -175,6 +175,12 @@ pub fn print_plan(plan: &Plan, details: bool) {
             let line = format!("{mark} {:<20} {:<9} {}", g.guest, g.action.as_str(), summary.join("; "));
             println!("{}", line.trim_end());
         }
+        if !g.kept_volumes.is_empty() {
+            println!(
+                "      keeps its volumes {} (Keel never deletes one; keelctl volume rm does)",
+                g.kept_volumes.join(", ")
+            );
+        }
     }
     for s in &plan.sections {
         println!(
