@@ -26,19 +26,25 @@
 //! Prints `e2e: firmware_to_init_ms=N init_to_kvm_ms=N kvm_to_guest_ms=N total_ms=N` for
 //! boot 1 (total: QEMU start to the guest's marker) and `e2e_image: N passed, N failed` last.
 
+#[path = "e2e_support/appliance.rs"]
+mod appliance;
 #[path = "e2e_support/console.rs"]
 mod console;
 #[path = "e2e_support/env.rs"]
 mod env;
+#[path = "e2e_support/keelctl.rs"]
+mod keelctl;
 #[path = "e2e_support/run.rs"]
 mod run;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use appliance::{keel_image, repo_file};
 use console::{Console, Report, StageFailure};
 use env::{env_path, free_port};
+use keelctl::{Keelctl, state_of};
 
 /// The guest configs/ci.yaml declares, and the one `keelctl apply` adds.
 const GUEST: &str = "ci-guest";
@@ -57,140 +63,8 @@ const FATAL: [&str; 7] = [
     "disk: cannot mount",
 ];
 
-/// How long one keelctl call may take before the test kills it.
-const KEELCTL_DEADLINE: Duration = Duration::from_secs(180);
-
 /// On the appliance's kernel command line; the kernel passes it to init as `argv[1]`.
 const UNKNOWN_KERNEL_WORD: &str = "nokaslr";
-
-fn keel_image() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel-image"))
-}
-
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
-fn build_image(work: &Path, token_file: &Path) -> Result<PathBuf, String> {
-    let config = repo_file("configs/ci.yaml");
-    let image = work.join("ci.img");
-    // The default command line plus a word the kernel does not know and hands to init as
-    // an argument: keel-init must log it, not exit (which panics the kernel).
-    let cmdline = std::fs::read_to_string(repo_file("kernel-config/cmdline"))
-        .map_err(|e| format!("kernel-config/cmdline: {e}"))?;
-    let cmdline = format!("{} {UNKNOWN_KERNEL_WORD}", cmdline.trim());
-    let started = Instant::now();
-    let out = keel_image()
-        .args(["build", "--cmdline", &cmdline, "--config"])
-        .arg(&config)
-        .arg("--output")
-        .arg(&image)
-        .arg("--kernel")
-        .arg(env_path("KEEL_E2E_HOST_KERNEL")?)
-        .arg("--modules")
-        .arg(env_path("KEEL_E2E_HOST_MODULES")?)
-        .arg("--guest-kernel")
-        .arg(env_path("KEEL_E2E_GUEST_KERNEL")?)
-        .arg("--bin-dir")
-        .arg(env_path("KEEL_E2E_BIN_DIR")?)
-        .arg("--config-file")
-        .arg(format!("api-token={}", token_file.display()))
-        .output()
-        .map_err(|e| format!("keel-image build: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "keel-image build failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let size = std::fs::metadata(&image).map(|m| m.len()).unwrap_or(0);
-    println!(
-        "e2e_image: built {} from {} in {} ms ({size} bytes)",
-        image.display(),
-        config.display(),
-        started.elapsed().as_millis()
-    );
-    Ok(image)
-}
-
-/// keelctl (the static one the image carries) pointed at the forwarded TCP API.
-struct Keelctl {
-    binary: PathBuf,
-    url: String,
-    token: String,
-}
-
-impl Keelctl {
-    /// Runs `keelctl ARGS`; its stdout when it exits 0.
-    fn run(&self, args: &[&str]) -> Result<String, String> {
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(["--host", &self.url, "--token", &self.token]).args(args);
-        // Longer than any keel-init answer (a stop's 30 s timeout and its slack): a
-        // keelctl still running then is hung, and the stage fails saying so.
-        let out = run::run_timeout(cmd, KEELCTL_DEADLINE).map_err(|e| format!("keelctl {}: {e}", args.join(" ")))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        println!("e2e_image: $ keelctl {} -> {}", args.join(" "), out.status);
-        for line in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
-            println!("  > {line}");
-        }
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!(
-                "keelctl {} exited with {}: {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// `keelctl list --json` as (name, state) pairs.
-    fn states(&self) -> Result<Vec<(String, String)>, String> {
-        let text = self.run(&["list", "--json"])?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("list --json: {e}: {text}"))?;
-        let guests = value
-            .as_array()
-            .ok_or_else(|| format!("list --json is not an array: {text}"))?;
-        Ok(guests
-            .iter()
-            .map(|g| {
-                let field = |k: &str| g.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                (field("name"), field("state"))
-            })
-            .collect())
-    }
-
-    /// Polls `list --json` until `want` holds, or fails with the last answer.
-    fn wait_until(
-        &self,
-        what: &str,
-        timeout: Duration,
-        want: impl Fn(&[(String, String)]) -> bool,
-    ) -> Result<(), StageFailure> {
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            match self.states() {
-                Ok(states) if want(&states) => return Ok(()),
-                Ok(states) => last = format!("{states:?}"),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        Err(StageFailure(format!(
-            "{what}: not within {} s; last answer: {last}",
-            timeout.as_secs()
-        )))
-    }
-}
-
-fn state_of<'a>(states: &'a [(String, String)], guest: &str) -> Option<&'a str> {
-    states.iter().find(|(n, _)| n == guest).map(|(_, s)| s.as_str())
-}
 
 fn boot(image: &Path, host_port: u16) -> Result<Console, String> {
     let mut qemu = keel_image();
@@ -330,10 +204,13 @@ fn run() -> Result<bool, String> {
     let token = "e2e-token-0123456789abcdef";
     let token_file = work.path().join("api-token");
     std::fs::write(&token_file, format!("{token}\n")).map_err(|e| e.to_string())?;
-    let image = build_image(work.path(), &token_file)?;
+    // The default command line plus a word the kernel does not know and hands to init as
+    // an argument: keel-init must log it, not exit (which panics the kernel).
+    let image = appliance::build_image("e2e_image", work.path(), &token_file, UNKNOWN_KERNEL_WORD)?;
     let two_guests = config_with_second_guest(work.path())?;
     let port = free_port()?;
     let api = Keelctl {
+        suite: "e2e_image",
         binary: env_path("KEEL_E2E_BIN_DIR")?.join("keelctl"),
         url: format!("http://127.0.0.1:{port}"),
         token: token.to_string(),

@@ -2,9 +2,8 @@
 //! `qemu-img` goes over the API socket into a pool and comes out as the raw disk
 //! `qemu-img convert` makes of it; a wrong checksum leaves nothing behind.
 
+mod common;
 mod supervisor_support;
-
-use std::process::Command;
 
 use supervisor_support::*;
 
@@ -16,18 +15,6 @@ storage:
     - name: bulk
       size: 1GiB
 ";
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img: {e}; run ci/setup (package qemu-utils)"));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn images_go_in_with_progress_checksums_and_come_out_as_qemu_img_converts_them() {
@@ -47,7 +34,7 @@ fn images_go_in_with_progress_checksums_and_come_out_as_qemu_img_converts_them()
         let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8 | 0x10).collect();
         f.write_all(&data).unwrap();
     }
-    qemu_img(&[
+    common::qemu_img(&[
         "convert",
         "-c",
         "-f",
@@ -57,7 +44,7 @@ fn images_go_in_with_progress_checksums_and_come_out_as_qemu_img_converts_them()
         &w("disk.raw"),
         &w("disk.qcow2"),
     ]);
-    qemu_img(&[
+    common::qemu_img(&[
         "convert",
         "-f",
         "qcow2",
@@ -130,7 +117,7 @@ fn images_go_in_with_progress_checksums_and_come_out_as_qemu_img_converts_them()
     );
 
     // More than the pool's 1 GiB cap of virtual disk: refused before anything is written.
-    qemu_img(&["create", "-q", "-f", "qcow2", &w("big.qcow2"), "4G"]);
+    common::qemu_img(&["create", "-q", "-f", "qcow2", &w("big.qcow2"), "4G"]);
     let big = app.keelctl(&["image", "import", "--pool", "bulk", "big", &w("big.qcow2")]);
     assert!(String::from_utf8_lossy(&big.stderr).contains("to spare"), "{big:?}");
 

@@ -187,25 +187,29 @@ guests:
         String::from_utf8_lossy(&schema.stderr),
         s.user_data
     );
-    let rendered = dir.path().join("rendered");
-    common::run_ok(
-        "cloud-init",
-        &[
-            "devel",
-            "net-convert",
-            "--network-data",
-            dir.path().join("network-config").to_str().unwrap(),
-            "--kind",
-            "yaml",
-            "--output-kind",
-            "networkd",
-            "--distro",
-            "debian",
-            "--directory",
-            rendered.to_str().unwrap(),
-        ],
-    );
-    let networkd = std::fs::read_to_string(rendered.join("etc/systemd/network/10-cloud-init-nic0.network")).unwrap();
+    let render = |kind: &str| {
+        let out = dir.path().join(format!("rendered-{kind}"));
+        common::run_ok(
+            "cloud-init",
+            &[
+                "devel",
+                "net-convert",
+                "--network-data",
+                dir.path().join("network-config").to_str().unwrap(),
+                "--kind",
+                "yaml",
+                "--output-kind",
+                kind,
+                "--distro",
+                "debian",
+                "--directory",
+                out.to_str().unwrap(),
+            ],
+        );
+        out
+    };
+    let networkd =
+        std::fs::read_to_string(render("networkd").join("etc/systemd/network/10-cloud-init-nic0.network")).unwrap();
     for want in [
         "MACAddress=02:00:00:00:00:10",
         "Address=10.100.0.10/24",
@@ -217,6 +221,17 @@ guests:
             "no {want} in what cloud-init renders:\n{networkd}"
         );
     }
+    // ifupdown, what Debian's cloud images use: the default route must be ifupdown's own
+    // `gateway`, not a `post-up route add` that needs net-tools (not installed there).
+    let eni = std::fs::read_to_string(render("eni").join("etc/network/interfaces.d/50-cloud-init")).unwrap();
+    assert!(
+        eni.contains("address 10.100.0.10/24") && eni.contains("gateway 10.100.0.1"),
+        "{eni}"
+    );
+    assert!(
+        !eni.contains("route add"),
+        "a default route that needs net-tools:\n{eni}"
+    );
 
     // In the guest: found by label, mounted, read.
     let _dev = Loop::attach(&image);

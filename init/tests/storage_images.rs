@@ -3,25 +3,14 @@
 //! `qemu-img convert -O raw` makes of the same file; bad images are refused with
 //! nothing left behind.
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use keel_init::storage::image::{self, ImageError, ImportRequest};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img: {e}; run ci/setup (package qemu-utils)"));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A 64 MiB raw disk with data in a few places (patterns, not zeros) and holes
 /// between: a partition-table-like start, a block mid-way, the last sector.
@@ -106,9 +95,9 @@ fn qcow2_v2_v3_and_compressed_import_as_qemu_img_converts_them() {
         let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
         args.extend(opts.iter().copied());
         args.extend([raw_s, q.to_str().unwrap()]);
-        qemu_img(&args);
+        common::qemu_img(&args);
         let reference = work.path().join(format!("{name}.ref.raw"));
-        qemu_img(&[
+        common::qemu_img(&[
             "convert",
             "-f",
             "qcow2",
@@ -183,7 +172,7 @@ fn bad_images_are_refused_with_nothing_left_behind() {
     let work = tempfile::tempdir().unwrap();
     let w = |n: &str| work.path().join(n).to_str().unwrap().to_owned();
     let raw = sample_raw(work.path());
-    qemu_img(&[
+    common::qemu_img(&[
         "convert",
         "-f",
         "raw",
@@ -192,7 +181,7 @@ fn bad_images_are_refused_with_nothing_left_behind() {
         raw.to_str().unwrap(),
         &w("good.qcow2"),
     ]);
-    qemu_img(&[
+    common::qemu_img(&[
         "create",
         "-q",
         "-f",
@@ -203,8 +192,8 @@ fn bad_images_are_refused_with_nothing_left_behind() {
         "qcow2",
         &w("overlay.qcow2"),
     ]);
-    qemu_img(&["create", "-q", "-f", "qcow2", &w("huge.qcow2"), "2T"]);
-    qemu_img(&[
+    common::qemu_img(&["create", "-q", "-f", "qcow2", &w("huge.qcow2"), "2T"]);
+    common::qemu_img(&[
         "convert",
         "-c",
         "-f",

@@ -11,7 +11,7 @@
 //!    smaller than its partition.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -343,20 +343,9 @@ enum Probe {
 fn probe(device: &Path) -> io::Result<Probe> {
     let mut f = File::open(device)?;
     let mut head = vec![0u8; 1 << 20];
-    let n = read_full(&mut f, &mut head)?;
+    let n = super::read_up_to(&mut f, &mut head)?;
     head.truncate(n);
     Ok(probe_bytes(&head))
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Reads the ext superblock at offset 1024: magic 0xEF53 at 0x38, block count

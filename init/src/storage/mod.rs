@@ -155,3 +155,15 @@ pub fn reconcile(cfg: &Config, data_root: &Path) -> Report {
     }
     report
 }
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+pub(crate) fn read_up_to(f: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

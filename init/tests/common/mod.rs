@@ -292,3 +292,17 @@ pub fn config(text: &str) -> keel_init::config::Config {
         Err(d) => panic!("test config invalid:\n{}", d.render("test.yaml")),
     }
 }
+
+/// Runs `qemu-img ARGS` (QEMU's own image tool, the reference for image tests); panics
+/// with its stderr unless it succeeds.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}; run ci/setup (package qemu-utils)"));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

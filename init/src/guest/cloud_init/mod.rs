@@ -185,12 +185,12 @@ fn network_config(nics: &[NicNetwork]) -> String {
             None => out.push_str("    dhcp4: true\n"),
             Some(f) => {
                 let _ = writeln!(out, "    dhcp4: false\n    addresses: [{}]", q(&f.address));
-                let _ = writeln!(
-                    out,
-                    "    routes:\n      - to: {}\n        via: {}",
-                    q("0.0.0.0/0"),
-                    q(&f.gateway)
-                );
+                // `gateway4`, not a `routes:` entry: cloud-init's ifupdown renderer (what
+                // Debian's cloud images use) turns a route into `post-up route add`, and
+                // `route` (net-tools) is not installed there — the guest came up with no
+                // default route in e2e_cloud. `gateway4` becomes ifupdown's `gateway`,
+                // networkd's `Gateway=` and netplan's default route alike.
+                let _ = writeln!(out, "    gateway4: {}", q(&f.gateway));
                 let _ = writeln!(out, "    nameservers:\n      addresses: [{}]", q(&f.gateway));
             }
         }

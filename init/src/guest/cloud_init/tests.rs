@@ -21,7 +21,7 @@ fn a_static_lease_becomes_a_static_address_and_the_rest_dhcp() {
     let s = seed_of("{runcmd: [\"true\"]}");
     assert_eq!(
         s.network_config,
-        "version: 2\nethernets:\n  nic0:\n    match:\n      macaddress: \"02:00:00:00:00:10\"\n    dhcp4: false\n    addresses: [\"10.100.0.10/24\"]\n    routes:\n      - to: \"0.0.0.0/0\"\n        via: \"10.100.0.1\"\n    nameservers:\n      addresses: [\"10.100.0.1\"]\n  nic1:\n    match:\n      macaddress: \"".to_owned()
+        "version: 2\nethernets:\n  nic0:\n    match:\n      macaddress: \"02:00:00:00:00:10\"\n    dhcp4: false\n    addresses: [\"10.100.0.10/24\"]\n    gateway4: \"10.100.0.1\"\n    nameservers:\n      addresses: [\"10.100.0.1\"]\n  nic1:\n    match:\n      macaddress: \"".to_owned()
             + &cfg("{}").guests[0].nic_mac(1).to_string()
             + "\"\n    dhcp4: true\n"
     );

@@ -55,7 +55,7 @@ pub fn read_header(path: &Path) -> Result<Header, ImageError> {
     let mut f = std::fs::File::open(path).map_err(|e| ImageError::io(path, "open", e))?;
     let file_len = f.metadata().map_err(|e| ImageError::io(path, "stat", e))?.len();
     let mut h = [0u8; 104];
-    let n = read_up_to(&mut f, &mut h).map_err(|e| ImageError::io(path, "read", e))?;
+    let n = crate::storage::read_up_to(&mut f, &mut h).map_err(|e| ImageError::io(path, "read", e))?;
     if n < 72 || h[..4] != MAGIC {
         return Err(bad(format!("the file is {n} bytes long and no qcow2 header")));
     }
@@ -70,7 +70,7 @@ pub fn read_header(path: &Path) -> Result<Header, ImageError> {
         let read = std::fs::File::open(path)
             .and_then(|mut f| {
                 std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(backing_offset))?;
-                read_up_to(&mut f, &mut name)
+                crate::storage::read_up_to(&mut f, &mut name)
             })
             .unwrap_or(0);
         name.truncate(read);
@@ -237,15 +237,4 @@ fn check_l2_tables(
         }
     }
     Ok(())
-}
-
-fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
