@@ -5,7 +5,12 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use nix::unistd::{Whence, lseek};
+
+use super::human;
 
 // FICLONE = _IOW(0x94, 9, int): linux/fs.h.
 nix::ioctl_write_int!(ficlone, 0x94, 9);
@@ -52,7 +57,7 @@ pub fn clone_into(src: &File, dst: &File, label: &str) -> io::Result<(CloneMetho
     if reflink(src, dst)? {
         return Ok((CloneMethod::Reflink, 0));
     }
-    let copied = super::volume::copy_sparse(src, dst, label)?;
+    let copied = copy_sparse(src, dst, label)?;
     Ok((CloneMethod::SparseCopy, copied))
 }
 
@@ -77,4 +82,48 @@ pub fn supports_reflink(dir: &Path) -> io::Result<bool> {
     let _ = std::fs::remove_file(&probe);
     let _ = std::fs::remove_file(&copy);
     result
+}
+
+const BLOCK: usize = 4096;
+
+/// Copies the data regions of `src` to the same offsets in `dst`, leaving holes
+/// (and blocks of zeros) unwritten. Returns the bytes written.
+pub fn copy_sparse(src: &File, dst: &File, label: &str) -> io::Result<u64> {
+    let len = src.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off: u64 = 0;
+    let mut written: u64 = 0;
+    let mut next_log = len / 10;
+    while off < len {
+        let data = match lseek(src, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+            Err(e) => return Err(e.into()),
+        };
+        let hole = (lseek(src, data as i64, Whence::SeekHole)? as u64).min(len);
+        let mut pos = data;
+        while pos < hole {
+            let n = ((hole - pos) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], pos)?;
+            for (i, chunk) in buf[..n].chunks(BLOCK).enumerate() {
+                if chunk.iter().any(|b| *b != 0) {
+                    dst.write_all_at(chunk, pos + (i * BLOCK) as u64)?;
+                    written += chunk.len() as u64;
+                }
+            }
+            pos += n as u64;
+            if len >= 1 << 30 && pos >= next_log {
+                tracing::info!(
+                    volume = label,
+                    "seeding: {}% ({} of {})",
+                    pos * 100 / len,
+                    human(pos),
+                    human(len)
+                );
+                next_log = pos + len / 10;
+            }
+        }
+        off = hole;
+    }
+    Ok(written)
 }

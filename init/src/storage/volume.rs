@@ -10,10 +10,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use nix::unistd::{Whence, lseek};
 
 use super::{StorageError, human, pool};
 use crate::config::{Config, PoolPath};
@@ -194,48 +192,4 @@ fn create(
         ),
         None => format!("created {} (sparse)", human(spec.size)),
     })
-}
-
-const BLOCK: usize = 4096;
-
-/// Copies the data regions of `src` to the same offsets in `dst`, leaving holes
-/// (and blocks of zeros) unwritten. Returns the bytes written.
-pub fn copy_sparse(src: &File, dst: &File, label: &str) -> io::Result<u64> {
-    let len = src.metadata()?.len();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off: u64 = 0;
-    let mut written: u64 = 0;
-    let mut next_log = len / 10;
-    while off < len {
-        let data = match lseek(src, off as i64, Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
-            Err(e) => return Err(e.into()),
-        };
-        let hole = (lseek(src, data as i64, Whence::SeekHole)? as u64).min(len);
-        let mut pos = data;
-        while pos < hole {
-            let n = ((hole - pos) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], pos)?;
-            for (i, chunk) in buf[..n].chunks(BLOCK).enumerate() {
-                if chunk.iter().any(|b| *b != 0) {
-                    dst.write_all_at(chunk, pos + (i * BLOCK) as u64)?;
-                    written += chunk.len() as u64;
-                }
-            }
-            pos += n as u64;
-            if len >= 1 << 30 && pos >= next_log {
-                tracing::info!(
-                    volume = label,
-                    "seeding: {}% ({} of {})",
-                    pos * 100 / len,
-                    human(pos),
-                    human(len)
-                );
-                next_log = pos + len / 10;
-            }
-        }
-        off = hole;
-    }
-    Ok(written)
 }
