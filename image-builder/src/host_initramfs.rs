@@ -24,7 +24,13 @@ pub const OS_RELEASE: &str = "/etc/os-release";
 /// reads them only from here, never from KEEL-CONFIG, which is writable.
 pub const TRUSTED_KEYS: &str = keel_config::bundle::TRUSTED_KEYS_FILE;
 /// Host tools PID 1 runs: formatting, checking and growing KEEL-DATA and pool volumes.
-pub const HOST_PROGRAMS: [&str; 3] = ["/sbin/mke2fs", "/sbin/e2fsck", "/sbin/resize2fs"];
+pub const HOST_PROGRAMS: [&str; 5] = [
+    "/sbin/mke2fs",
+    "/sbin/e2fsck",
+    "/sbin/resize2fs",
+    "/sbin/mkfs.xfs",
+    "/sbin/xfs_growfs",
+];
 
 /// The host files an appliance initramfs is made of.
 #[derive(Debug, Clone)]

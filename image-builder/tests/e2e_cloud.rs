@@ -1,7 +1,8 @@
 //! End-to-end: a stock-style Debian cloud image as a guest (issue 13). The appliance
 //! (configs/ci.yaml) boots in QEMU; the test imports the Debian 12 qcow2 that
 //! `ci/debian-cloud-image` built from Debian's packages with `keelctl image import`
-//! over the forwarded API; `keelctl apply` adds a guest with `boot: disk` (Debian's own
+//! over the forwarded API (KEEL-DATA is XFS: `keelctl host` must report reflink clones);
+//! `keelctl apply` adds a guest with `boot: disk` (Debian's own
 //! kernel and initramfs from its own disk), `cloud_init` (an SSH key made here with
 //! ssh-keygen, a runcmd that writes a marker) and a port forward; once cloud-init says
 //! it finished on the guest's console, OpenSSH logs in through QEMU's forwarded port and
@@ -188,7 +189,7 @@ fn run() -> Result<bool, String> {
     let mut report = Report::new(SUITE);
     let stages = [
         "appliance boots and serves the API",
-        "keelctl image import of the Debian qcow2 over the forwarded API",
+        "keelctl image import of the Debian qcow2 over the forwarded API; KEEL-DATA (xfs) clones by reflink",
         "keelctl apply: boot: disk + cloud_init + port forward; cloud-init finishes on the guest console",
         "OpenSSH login through both forwards: hostname, cloud-init marker, disk size",
         "a file written over SSH survives a guest reboot",
@@ -214,7 +215,20 @@ fn run() -> Result<bool, String> {
             "debian-12",
             &qcow2.display().to_string(),
         ])
-        .map_err(StageFailure);
+        .map_err(StageFailure)
+        .and_then(|_| api.run(&["host", "--json"]).map_err(StageFailure))
+        .and_then(|text| {
+            // A KEEL-DATA this Keel made is XFS with reflinks: the guest's volume will be
+            // a clone of the image that allocates nothing.
+            let host: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| StageFailure(format!("host --json: {e}")))?;
+            match (host["clones"]["method"].as_str(), host["clones"]["filesystem"].as_str()) {
+                (Some("reflink"), Some("xfs")) => Ok(()),
+                other => Err(StageFailure(format!(
+                    "KEEL-DATA clones: {other:?}, not reflinks on xfs"
+                ))),
+            }
+        });
     println!("{SUITE}: image import took {} ms", started.elapsed().as_millis());
     if report.stage(&console, stages[1], imported).is_none() {
         report.skipped_as_failed(&stages[2..]);

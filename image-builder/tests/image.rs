@@ -798,6 +798,8 @@ fn default_build_assembles_the_host_initramfs_from_programs_modules_and_guest_fi
         "sbin/mke2fs".into(),
         "sbin/e2fsck".into(),
         "sbin/resize2fs".into(),
+        "sbin/mkfs.xfs".into(),
+        "sbin/xfs_growfs".into(),
         format!("{modules}/modules.keel"),
         format!("{modules}/modules.dep"),
         format!("{modules}/modules.alias"),

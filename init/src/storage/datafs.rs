@@ -1,14 +1,16 @@
-//! KEEL-DATA: the ext4 partition that holds pools, leases and other state.
+//! KEEL-DATA: the partition that holds pools, leases and other state — XFS with
+//! reflinks when Keel creates it (ext4 when it is under 512 MiB), and an ext4 made by
+//! an earlier Keel is kept and used as it is.
 //!
 //! On every boot [`prepare_data`] finds it by GPT partition label, then:
 //! 1. grows the partition to the end of the disk when the image was flashed to a
 //!    larger disk (rewrites the GPT with the `gpt` crate, moving the backup
 //!    header to the real end, and tells the kernel with BLKPG_RESIZE_PARTITION,
 //!    which works while other partitions of the disk are in use);
-//! 2. creates the filesystem on first boot (`mke2fs -t ext4 -L KEEL-DATA`), but
+//! 2. creates the filesystem on first boot (`mkfs.xfs -m reflink=1 -L KEEL-DATA`), but
 //!    only on a partition that is still all zeros, never over foreign data;
-//! 3. mounts it, and grows the filesystem online (`resize2fs`) when it is
-//!    smaller than its partition.
+//! 3. mounts it, and grows the filesystem online (`xfs_growfs`, or `resize2fs` for
+//!    ext4) when it is smaller than its partition.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -18,6 +20,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{StorageError, human};
+
+/// The smallest KEEL-DATA made XFS (mkfs.xfs refuses below 300 MiB); a smaller one is ext4.
+const MIN_XFS: u64 = 512 << 20;
 
 /// Where to look and what to do.
 #[derive(Clone, Debug)]
@@ -107,9 +112,18 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
             op: "read superblock",
             source,
         })? {
-            Probe::Ext { .. } => {}
+            Probe::Ext { .. } | Probe::Xfs { .. } => {}
+            Probe::Blank if part.size >= MIN_XFS => {
+                // XFS with reflinks: a volume seeded from an image shares its blocks
+                // (storage::clone), instant and allocating nothing.
+                tracing::info!(label, device = %part.device.display(), "first boot: creating the xfs filesystem (reflink=1)");
+                run(Command::new("mkfs.xfs")
+                    .args(["-q", "-f", "-m", "reflink=1", "-L", label])
+                    .arg(&part.device))?;
+                formatted = true;
+            }
             Probe::Blank => {
-                tracing::info!(label, device = %part.device.display(), "first boot: creating the ext4 filesystem");
+                tracing::info!(label, device = %part.device.display(), "first boot: creating the ext4 filesystem (too small for xfs)");
                 run(Command::new("mke2fs")
                     .args([
                         "-t",
@@ -128,12 +142,20 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
                 return Err(part_err(
                     label,
                     format!(
-                        "{} holds data that is not an ext2/3/4 filesystem; refusing to format it (wipe it with `wipefs -a` to let Keel create the filesystem)",
+                        "{} holds data that is not an xfs or ext2/3/4 filesystem; refusing to format it (wipe it with `wipefs -a` to let Keel create the filesystem)",
                         part.device.display()
                     ),
                 ));
             }
         }
+        let fstype = match probe(&part.device).map_err(|source| StorageError::Io {
+            path: part.device.clone(),
+            op: "read superblock",
+            source,
+        })? {
+            Probe::Xfs { .. } => "xfs",
+            _ => "ext4",
+        };
         std::fs::create_dir_all(&opts.mount_point).map_err(|source| StorageError::Io {
             path: opts.mount_point.clone(),
             op: "create mount point",
@@ -143,28 +165,38 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
         mount(
             Some(&part.device),
             &opts.mount_point,
-            Some("ext4"),
+            Some(fstype),
             MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
             None::<&str>,
         )
         .map_err(|e| StorageError::Io {
             path: opts.mount_point.clone(),
-            op: "mount ext4",
+            op: if fstype == "xfs" { "mount xfs" } else { "mount ext4" },
             source: e.into(),
         })?;
     }
 
     // Grow the filesystem when the partition has room for at least 1 MiB more.
     let mut resized = None;
+    let now = probe(&part.device).map_err(|source| StorageError::Io {
+        path: part.device.clone(),
+        op: "read superblock",
+        source,
+    })?;
+    let (size, grow): (u64, Option<Command>) = match now {
+        Probe::Ext { size } => (size, Some(Command::new("resize2fs"))),
+        Probe::Xfs { size } => (size, Some(Command::new("xfs_growfs"))),
+        _ => (0, None),
+    };
     if opts.grow
-        && let Probe::Ext { size } = probe(&part.device).map_err(|source| StorageError::Io {
-            path: part.device.clone(),
-            op: "read superblock",
-            source,
-        })?
+        && let Some(mut cmd) = grow
         && part.size > size + (1 << 20)
     {
-        run(Command::new("resize2fs").arg(&part.device))?;
+        // resize2fs takes the device, xfs_growfs the mount point (both grow online).
+        match now {
+            Probe::Xfs { .. } => run(cmd.arg("-d").arg(&opts.mount_point))?,
+            _ => run(cmd.arg(&part.device))?,
+        }
         tracing::info!(label, "filesystem grown from {} to {}", human(size), human(part.size));
         resized = Some((size, part.size));
     }
@@ -335,6 +367,10 @@ enum Probe {
     Ext {
         size: u64,
     },
+    /// An XFS of this many bytes.
+    Xfs {
+        size: u64,
+    },
     /// Nothing but zeros where a filesystem would start.
     Blank,
     Foreign,
@@ -351,6 +387,16 @@ fn probe(device: &Path) -> io::Result<Probe> {
 /// Reads the ext superblock at offset 1024: magic 0xEF53 at 0x38, block count
 /// (lo at 0x04, hi at 0x150 with the 64bit feature), log block size at 0x18.
 fn probe_bytes(head: &[u8]) -> Probe {
+    // XFS: "XFSB" at 0, then sb_blocksize (be32) and sb_dblocks (be64).
+    if head.len() >= 16 && &head[..4] == b"XFSB" {
+        let block = u64::from(u32::from_be_bytes([head[4], head[5], head[6], head[7]]));
+        let blocks = u64::from_be_bytes([
+            head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
+        ]);
+        return Probe::Xfs {
+            size: blocks.saturating_mul(block),
+        };
+    }
     let sb = match head.get(1024..2048) {
         Some(sb) => sb,
         None => {
@@ -549,5 +595,30 @@ mod tests {
         let mut foreign = vec![0u8; 4096];
         foreign[0] = 0xEB;
         assert_eq!(probe_bytes(&foreign), Probe::Foreign);
+    }
+
+    /// What Keel creates now: the file systems mkfs.xfs and mke2fs write, as probed.
+    #[test]
+    fn probe_reads_the_size_of_what_mkfs_xfs_and_mke2fs_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        for (tool, args) in [
+            ("mkfs.xfs", &["-q", "-f", "-m", "reflink=1"][..]),
+            ("mke2fs", &["-q", "-F", "-t", "ext4"][..]),
+        ] {
+            std::fs::File::create(&img).unwrap().set_len(MIN_XFS).unwrap();
+            let out = Command::new(tool)
+                .args(args)
+                .arg(&img)
+                .output()
+                .unwrap_or_else(|e| panic!("{tool}: {e}; run ci/setup (xfsprogs, e2fsprogs)"));
+            assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
+            let size = match probe(&img).unwrap() {
+                Probe::Xfs { size } if tool == "mkfs.xfs" => size,
+                Probe::Ext { size } if tool == "mke2fs" => size,
+                other => panic!("{tool}: probed as {other:?}"),
+            };
+            assert_eq!(size, MIN_XFS, "{tool}");
+        }
     }
 }
