@@ -21,24 +21,34 @@ network:
     ))
 }
 
-#[test]
-fn guests_reach_upstream_only_through_nat() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let o = Options {
-        lease_dir: dir.path().join("leases"),
-        resolv_conf: dir.path().join("resolv.conf"),
+fn options(dir: &std::path::Path) -> Options {
+    Options {
+        lease_dir: dir.join("leases"),
+        resolv_conf: dir.join("resolv.conf"),
         carrier_timeout: std::time::Duration::from_secs(1),
         dns_forwarder: false,
-    };
-    let router = Netns::new("natr");
-    let guest = Netns::new("natg");
-    let upstream = Netns::new("natu");
+    }
+}
+
+/// The namespaces of the diagram above: (router, guest, upstream), addressed.
+fn topology(tag: &str) -> (Netns, Netns, Netns) {
+    let router = Netns::new(&format!("{tag}r"));
+    let guest = Netns::new(&format!("{tag}g"));
+    let upstream = Netns::new(&format!("{tag}u"));
     veth(&router, "up0", &upstream, "eth0");
     veth(&router, "gp0", &guest, "g0");
     upstream.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth0"]);
     guest.ip(&["addr", "add", "10.77.0.50/24", "dev", "g0"]);
     guest.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    (router, guest, upstream)
+}
+
+#[test]
+fn guests_reach_upstream_only_through_nat() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let o = options(dir.path());
+    let (router, guest, upstream) = topology("nat");
 
     // 1. Isolated: the bridge exists, but nothing is forwarded.
     let c = cfg("isolated");
@@ -95,20 +105,8 @@ fn guests_reach_upstream_only_through_nat() {
 fn port_forwards_reach_the_guest_and_go_away_with_the_config() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let o = Options {
-        lease_dir: dir.path().join("leases"),
-        resolv_conf: dir.path().join("resolv.conf"),
-        carrier_timeout: std::time::Duration::from_secs(1),
-        dns_forwarder: false,
-    };
-    let router = Netns::new("fwdr");
-    let guest = Netns::new("fwdg");
-    let upstream = Netns::new("fwdu");
-    veth(&router, "up0", &upstream, "eth0");
-    veth(&router, "gp0", &guest, "g0");
-    upstream.ip(&["addr", "add", "198.51.100.1/24", "dev", "eth0"]);
-    guest.ip(&["addr", "add", "10.77.0.50/24", "dev", "g0"]);
-    guest.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+    let o = options(dir.path());
+    let (router, guest, upstream) = topology("fwd");
     let forwards = |list: &str| {
         config(&format!(
             "
