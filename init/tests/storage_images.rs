@@ -264,3 +264,70 @@ fn a_disk_declared_with_an_image_is_seeded_from_it() {
         .collect();
     assert!(errors.iter().any(|e| e.contains("keelctl image import")), "{errors:?}");
 }
+
+/// Fuzzing the qcow2 path: a small real qcow2 (made by qemu-img, 4 KiB clusters so its
+/// tables are in the first few KiB) with random bytes overwritten in its first 64 KiB
+/// — header, L1, refcount and L2 tables. Every import must end (no panic, no hang),
+/// and one that succeeds must be exactly the image's virtual size and leave no hidden
+/// files; one that fails must leave nothing at all.
+#[test]
+fn mangled_qcow2_headers_and_tables_never_panic_or_leave_files() {
+    use proptest::prelude::*;
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("small.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(4 * MIB).unwrap();
+        f.write_all_at(&[0x5a; 8192], MIB).unwrap();
+    }
+    let q = work.path().join("small.qcow2");
+    common::qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    let good = std::fs::read(&q).unwrap();
+    let p = pool();
+    let mangled = work.path().join("mangled.qcow2");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 300,
+        ..ProptestConfig::default()
+    });
+    let edits = proptest::collection::vec((0usize..good.len().min(65536), any::<u8>()), 1..16);
+    // [imported as raw (magic gone), imported as qcow2, refused]
+    let outcomes = std::cell::RefCell::new([0u32; 3]);
+    runner
+        .run(&edits, |edits| {
+            let mut bytes = good.clone();
+            for (at, b) in edits {
+                bytes[at] = b;
+            }
+            std::fs::write(&mangled, &bytes).unwrap();
+            match import_file(&p, "fuzz", &mangled, None, 64 * MIB) {
+                Ok(info) => {
+                    outcomes.borrow_mut()[usize::from(info.format == "qcow2")] += 1;
+                    let len = std::fs::metadata(p.path.join("images/fuzz.raw")).unwrap().len();
+                    prop_assert_eq!(len, info.virtual_size);
+                    image::remove(&p.path, "fuzz").unwrap();
+                }
+                Err(_) => outcomes.borrow_mut()[2] += 1,
+            }
+            prop_assert!(image_dir_files(&p).is_empty(), "left: {:?}", image_dir_files(&p));
+            Ok(())
+        })
+        .unwrap();
+    let [raw, qcow2, refused] = *outcomes.borrow();
+    eprintln!("mangled qcow2: {raw} imported as raw, {qcow2} as qcow2, {refused} refused");
+    assert!(
+        qcow2 > 0 && refused > 0,
+        "the fuzzing reached only one outcome: {:?}",
+        outcomes.borrow()
+    );
+}
