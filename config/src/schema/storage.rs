@@ -92,3 +92,19 @@ impl JsonSchema for PoolPath {
 }
 
 crate::decode::decode_via_fromstr!(PoolPath => "a pool path such as default/web-root");
+
+/// The longest name of an imported image.
+pub const MAX_IMAGE_NAME: usize = 64;
+
+/// Whether `name` can name an imported image (`keelctl image import NAME`, a disk's
+/// `image: POOL/NAME`): lowercase letters, digits, `.`, `_`, `-`, starting with a
+/// letter or digit, at most [`MAX_IMAGE_NAME`]. It becomes the file `images/NAME.raw`.
+pub fn is_image_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.len() <= MAX_IMAGE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -14,6 +14,7 @@ const KEEL_GUEST_PORTS: [(Proto, u16, &str); 3] = [
 
 pub(super) fn check_forwards(cfg: &Config, d: &mut Diagnostics) {
     let mut taken: HashMap<(Proto, u16), Pos> = HashMap::new();
+    let names: Vec<&str> = cfg.guests.iter().map(|g| g.name.value.as_str()).collect();
     for b in &cfg.network.bridges {
         if b.forwards.is_empty() {
             continue;
@@ -43,7 +44,6 @@ pub(super) fn check_forwards(cfg: &Config, d: &mut Diagnostics) {
                     ),
                 );
             }
-            let names: Vec<&str> = cfg.guests.iter().map(|g| g.name.value.as_str()).collect();
             if !names.contains(&f.guest.as_str()) {
                 d.error(
                     f.guest.pos,

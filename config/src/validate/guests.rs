@@ -131,16 +131,7 @@ pub(super) fn check_guests(cfg: &Config, d: &mut Diagnostics) {
                         "give `source` (a file) or `image` (an imported image), not both",
                     );
                 }
-                let name = &img.path;
-                let ok = name
-                    .bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-                    && name.len() <= 64
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
-                if !ok {
+                if !crate::schema::is_image_name(&img.path) {
                     d.error(
                         img.pos,
                         format!("image `{}`: write POOL/NAME with the name `keelctl image list` shows (lowercase letters, digits, `.`, `_`, `-`)", img.value),

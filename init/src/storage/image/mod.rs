@@ -19,9 +19,6 @@ pub use import::{ImportRequest, import};
 
 use super::human;
 
-/// The longest image name.
-const MAX_NAME: usize = 64;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{}: {op}: {source}", path.display())]
@@ -94,16 +91,7 @@ pub struct ImageInfo {
 }
 
 pub fn check_name(name: &str) -> Result<(), ImageError> {
-    let first_ok = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    let ok = first_ok
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if crate::config::is_image_name(name) {
         Ok(())
     } else {
         Err(ImageError::BadName(name.to_owned()))
