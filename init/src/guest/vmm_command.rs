@@ -165,16 +165,27 @@ mod tests {
         args.into_iter().map(|s| s.into_string().unwrap()).collect()
     }
 
-    #[test]
-    fn builds_the_vmm_arguments() {
-        let text = "version: 1\nstorage: {pools: [{name: img}]}\nguests:\n  - name: web\n    vcpus: 2\n    memory: 256MiB\n    kernel: img/vmlinuz\n    initrd: default\n    cmdline: quiet\n";
-        let cfg = crate::config::parse_str(text).expect("valid").config;
-        let paths = Paths {
+    /// KEEL-DATA at /data, the run dir at /run/keel.
+    fn test_paths() -> Paths {
+        Paths {
             data_root: "/data".into(),
             run_dir: "/run/keel".into(),
             ..Paths::default()
-        };
-        let a = strings(args(&cfg.guests[0], &paths, None));
+        }
+    }
+
+    /// The keel-vmm arguments of the first guest of `text`, with [`test_paths`].
+    fn args_of(text: &str) -> (crate::config::Guest, Vec<String>) {
+        let cfg = crate::config::parse_str(text).expect("valid").config;
+        let g = cfg.guests[0].clone();
+        let a = strings(args(&g, &test_paths(), None));
+        (g, a)
+    }
+
+    #[test]
+    fn builds_the_vmm_arguments() {
+        let text = "version: 1\nstorage: {pools: [{name: img}]}\nguests:\n  - name: web\n    vcpus: 2\n    memory: 256MiB\n    kernel: img/vmlinuz\n    initrd: default\n    cmdline: quiet\n";
+        let (_, a) = args_of(text);
         assert_eq!(
             a[0..6],
             [
@@ -204,12 +215,7 @@ mod tests {
     #[test]
     fn disks_and_nics_become_vmm_devices() {
         let text = "version: 1\nstorage: {pools: [{name: p}]}\nnetwork:\n  bridges:\n    - {name: br0, mode: isolated, address: 10.1.0.1/24}\nguests:\n  - name: g\n    memory: 64MiB\n    disks:\n      - {volume: p/root, size: 1GiB}\n      - {volume: p/iso, size: 1GiB, readonly: true}\n    nics: [{bridge: br0, mac: '52:54:00:00:00:01'}, {bridge: br0}]\n";
-        let cfg = crate::config::parse_str(text).expect("valid").config;
-        let paths = Paths {
-            data_root: "/data".into(),
-            ..Paths::default()
-        };
-        let a = strings(args(&cfg.guests[0], &paths, None));
+        let (g, a) = args_of(text);
         let tail = &a[a.len() - 8..];
         assert_eq!(
             tail[..6],
@@ -222,19 +228,13 @@ mod tests {
                 "fd=3,mac=52:54:00:00:00:01"
             ]
         );
-        assert_eq!(tail[7], format!("fd=4,mac={}", cfg.guests[0].nic_mac(1)));
+        assert_eq!(tail[7], format!("fd=4,mac={}", g.nic_mac(1)));
     }
 
     #[test]
     fn the_cloud_init_seed_comes_after_the_guests_own_disks() {
         let text = "version: 1\nstorage: {pools: [{name: p}]}\nguests:\n  - name: g\n    memory: 64MiB\n    boot: disk\n    disks: [{volume: p/root, size: 1GiB}]\n    cloud_init: {runcmd: [\"true\"]}\n";
-        let cfg = crate::config::parse_str(text).expect("valid").config;
-        let paths = Paths {
-            data_root: "/data".into(),
-            run_dir: "/run/keel".into(),
-            ..Paths::default()
-        };
-        let a = strings(args(&cfg.guests[0], &paths, None));
+        let (_, a) = args_of(text);
         assert_eq!(
             a[a.len() - 4..],
             [
