@@ -105,13 +105,17 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
         grown = Some((old, new));
     }
 
-    let mut formatted = false;
-    if !mounted {
-        match probe(&part.device).map_err(|source| StorageError::Io {
+    let read_superblock = || {
+        probe(&part.device).map_err(|source| StorageError::Io {
             path: part.device.clone(),
             op: "read superblock",
             source,
-        })? {
+        })
+    };
+    let mut found = read_superblock()?;
+    let mut formatted = false;
+    if !mounted {
+        match found {
             Probe::Ext { .. } | Probe::Xfs { .. } => {}
             Probe::Blank if part.size >= MIN_XFS => {
                 // XFS with reflinks: a volume seeded from an image shares its blocks
@@ -148,11 +152,10 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
                 ));
             }
         }
-        let fstype = match probe(&part.device).map_err(|source| StorageError::Io {
-            path: part.device.clone(),
-            op: "read superblock",
-            source,
-        })? {
+        if formatted {
+            found = read_superblock()?;
+        }
+        let fstype = match found {
             Probe::Xfs { .. } => "xfs",
             _ => "ext4",
         };
@@ -177,25 +180,20 @@ pub fn prepare_data(opts: &DataOptions) -> Result<DataFs, StorageError> {
     }
 
     // Grow the filesystem when the partition has room for at least 1 MiB more.
+    // (Mounting does not change the size the superblock read above says.)
     let mut resized = None;
-    let now = probe(&part.device).map_err(|source| StorageError::Io {
-        path: part.device.clone(),
-        op: "read superblock",
-        source,
-    })?;
-    let (size, grow): (u64, Option<Command>) = match now {
-        Probe::Ext { size } => (size, Some(Command::new("resize2fs"))),
-        Probe::Xfs { size } => (size, Some(Command::new("xfs_growfs"))),
-        _ => (0, None),
+    let fs_size = match found {
+        Probe::Ext { size } | Probe::Xfs { size } => Some(size),
+        Probe::Blank | Probe::Foreign => None,
     };
     if opts.grow
-        && let Some(mut cmd) = grow
+        && let Some(size) = fs_size
         && part.size > size + (1 << 20)
     {
         // resize2fs takes the device, xfs_growfs the mount point (both grow online).
-        match now {
-            Probe::Xfs { .. } => run(cmd.arg("-d").arg(&opts.mount_point))?,
-            _ => run(cmd.arg(&part.device))?,
+        match found {
+            Probe::Xfs { .. } => run(Command::new("xfs_growfs").arg("-d").arg(&opts.mount_point))?,
+            _ => run(Command::new("resize2fs").arg(&part.device))?,
         }
         tracing::info!(label, "filesystem grown from {} to {}", human(size), human(part.size));
         resized = Some((size, part.size));
