@@ -79,7 +79,7 @@ fn main() {
                 sha256: None,
             };
             let file = std::fs::File::open(&q).expect("open qcow2");
-            image::import("p", &pool, u64::MAX, &req, file, |_| {}).expect("import");
+            image::import("p", &pool, u64::MAX, &req, file).expect("import");
             keel.push(started.elapsed());
             std::fs::remove_dir_all(&pool).expect("clean pool");
 
@@ -123,7 +123,6 @@ fn main() {
         u64::MAX,
         &req,
         std::fs::File::open(d("sample.raw")).expect("raw"),
-        |_| {},
     )
     .expect("import raw");
     let mut times = Vec::new();

@@ -56,14 +56,7 @@ fn import_file(
         name: name.into(),
         sha256: sha256.map(str::to_owned),
     };
-    image::import(
-        "p",
-        &pool.path,
-        budget,
-        &req,
-        std::fs::File::open(file).unwrap(),
-        |_| {},
-    )
+    image::import("p", &pool.path, budget, &req, std::fs::File::open(file).unwrap())
 }
 
 /// What is in the pool's image directory, hidden files included.

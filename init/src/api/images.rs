@@ -99,16 +99,14 @@ where
         sha256: q.get("sha256").cloned(),
     };
     tracing::info!(image = name, pool = pool.as_str(), budget, "image import started");
-    let result = super::upload::into_blocking(body, move |reader| {
-        image::import(&pool, &dir, budget, &req, reader, |_| {})
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the import task failed: {e}"),
-        )
-    })?;
+    let result = super::upload::into_blocking(body, move |reader| image::import(&pool, &dir, budget, &req, reader))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the import task failed: {e}"),
+            )
+        })?;
     if let Err(e) = &result {
         tracing::warn!(image = name, "image import refused: {e}");
     }

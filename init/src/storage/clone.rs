@@ -11,6 +11,7 @@ use std::path::Path;
 use nix::unistd::{Whence, lseek};
 
 use super::human;
+use super::sparse::{OverBudget, SparseWriter};
 
 // FICLONE = _IOW(0x94, 9, int): linux/fs.h.
 nix::ioctl_write_int!(ficlone, 0x94, 9);
@@ -84,46 +85,38 @@ pub fn supports_reflink(dir: &Path) -> io::Result<bool> {
     result
 }
 
-const BLOCK: usize = 4096;
-
 /// Copies the data regions of `src` to the same offsets in `dst`, leaving holes
 /// (and blocks of zeros) unwritten. Returns the bytes written.
 pub fn copy_sparse(src: &File, dst: &File, label: &str) -> io::Result<u64> {
     let len = src.metadata()?.len();
     let mut buf = vec![0u8; 1 << 20];
-    let mut off: u64 = 0;
-    let mut written: u64 = 0;
+    let mut w = SparseWriter::new(dst, u64::MAX);
     let mut next_log = len / 10;
-    while off < len {
-        let data = match lseek(src, off as i64, Whence::SeekData) {
+    while w.position() < len {
+        let data = match lseek(src, w.position() as i64, Whence::SeekData) {
             Ok(d) => d as u64,
             Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
             Err(e) => return Err(e.into()),
         };
         let hole = (lseek(src, data as i64, Whence::SeekHole)? as u64).min(len);
-        let mut pos = data;
-        while pos < hole {
+        w.skip(data - w.position());
+        while w.position() < hole {
+            let pos = w.position();
             let n = ((hole - pos) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], pos)?;
-            for (i, chunk) in buf[..n].chunks(BLOCK).enumerate() {
-                if chunk.iter().any(|b| *b != 0) {
-                    dst.write_all_at(chunk, pos + (i * BLOCK) as u64)?;
-                    written += chunk.len() as u64;
-                }
-            }
-            pos += n as u64;
-            if len >= 1 << 30 && pos >= next_log {
+            // An unbounded writer is never over its budget.
+            let _: Result<(), OverBudget> = w.write(&buf[..n])?;
+            if len >= 1 << 30 && w.position() >= next_log {
                 tracing::info!(
                     volume = label,
                     "seeding: {}% ({} of {})",
-                    pos * 100 / len,
-                    human(pos),
+                    w.position() * 100 / len,
+                    human(w.position()),
                     human(len)
                 );
-                next_log = pos + len / 10;
+                next_log = w.position() + len / 10;
             }
         }
-        off = hole;
     }
-    Ok(written)
+    Ok(w.allocated)
 }

@@ -11,6 +11,7 @@ pub mod clone;
 pub mod datafs;
 pub mod image;
 pub mod pool;
+pub mod sparse;
 pub mod volume;
 pub mod volume_admin;
 

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::sparse::{OverBudget, SparseWriter};
 use super::{ImageError, ImageInfo, check_name, dir, meta_path, qcow2, raw_path};
+use crate::storage::sparse::{OverBudget, SparseWriter};
 
 /// Read size while receiving.
 const CHUNK: usize = 1 << 20;
@@ -46,14 +46,13 @@ impl Drop for Scratch {
 }
 
 /// Imports `reader` as image `req.name` into the pool at `pool_dir`, allocating at
-/// most `budget` bytes there. `progress` is called with the bytes received so far.
+/// most `budget` bytes there.
 pub fn import(
     pool: &str,
     pool_dir: &Path,
     budget: u64,
     req: &ImportRequest,
     mut reader: impl Read,
-    mut progress: impl FnMut(u64),
 ) -> Result<ImageInfo, ImageError> {
     let name = req.name.as_str();
     check_name(name)?;
@@ -125,7 +124,6 @@ pub fn import(
                 available: budget,
             });
         }
-        progress(received);
     }
     let upload_allocated = w.allocated;
     let mut file = w.finish(received).map_err(|e| ImageError::io(&upload, "sync", e))?;
@@ -153,7 +151,7 @@ pub fn import(
     drop(file);
     let (format, virtual_size) = if magic == qcow2::MAGIC {
         let room = budget.saturating_sub(upload_allocated);
-        let size = qcow2::convert(&upload, &partial, room, |_, _| {})?;
+        let size = qcow2::convert(&upload, &partial, room)?;
         std::fs::rename(&partial, &raw).map_err(|e| ImageError::io(&raw, "rename", e))?;
         ("qcow2", size)
     } else {

@@ -9,7 +9,6 @@
 
 mod import;
 pub mod qcow2;
-pub mod sparse;
 
 use std::path::{Path, PathBuf};
 

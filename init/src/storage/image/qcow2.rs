@@ -16,7 +16,7 @@ use imago::qcow2::Qcow2;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions};
 
 use super::ImageError;
-use super::sparse::{OverBudget, SparseWriter};
+use crate::storage::sparse::{OverBudget, SparseWriter};
 
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// QEMU's own limit on an L1 table (`QCOW_MAX_L1_SIZE`, 32 MiB).
@@ -143,7 +143,7 @@ pub fn read_header(path: &Path) -> Result<Header, ImageError> {
 
 /// Converts the qcow2 image at `src` to a sparse raw file `dst` (created), allocating
 /// at most `budget` bytes. Returns the virtual size.
-pub fn convert(src: &Path, dst: &Path, budget: u64, mut progress: impl FnMut(u64, u64)) -> Result<u64, ImageError> {
+pub fn convert(src: &Path, dst: &Path, budget: u64) -> Result<u64, ImageError> {
     let header = read_header(src)?;
     let size = header.virtual_size;
     let file_len = std::fs::metadata(src)
@@ -204,7 +204,6 @@ pub fn convert(src: &Path, dst: &Path, budget: u64, mut progress: impl FnMut(u64
             }
         }
         offset += len;
-        progress(offset, size);
     }
     w.finish(size).map_err(|e| ImageError::io(dst, "finish", e))?;
     Ok(size)

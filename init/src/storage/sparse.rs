@@ -1,16 +1,18 @@
 //! Writing a disk image as a sparse file: runs of zero blocks are skipped (left as
-//! holes) instead of written, so an image's free space costs no disk blocks.
+//! holes) instead of written, so an image's free space costs no disk blocks. Used by
+//! image imports (receiving, qcow2 conversion) and by sparse clones.
 
+use std::borrow::Borrow;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 
 /// Granularity of hole detection: the file system block size of ext4 and XFS.
 pub const BLOCK: usize = 4096;
 
-/// Writes at increasing offsets, leaving all-zero blocks as holes. Counts the bytes
-/// it allocates against `budget`.
-pub struct SparseWriter {
-    file: File,
+/// Writes at increasing offsets of a file (owned, or `&File`), leaving all-zero
+/// blocks as holes. Counts the bytes it allocates against `budget`.
+pub struct SparseWriter<F: Borrow<File>> {
+    file: F,
     pos: u64,
     /// Bytes of data written (not holes).
     pub allocated: u64,
@@ -23,8 +25,8 @@ pub struct OverBudget {
     pub budget: u64,
 }
 
-impl SparseWriter {
-    pub fn new(file: File, budget: u64) -> Self {
+impl<F: Borrow<File>> SparseWriter<F> {
+    pub fn new(file: F, budget: u64) -> Self {
         SparseWriter {
             file,
             pos: 0,
@@ -55,14 +57,15 @@ impl SparseWriter {
                     budget: self.budget,
                 }));
             }
-            self.file.seek(SeekFrom::Start(self.pos))?;
-            self.file.write_all(block)?;
+            self.file.borrow().write_all_at(block, self.pos)?;
             self.pos += block.len() as u64;
             self.allocated += block.len() as u64;
         }
         Ok(Ok(()))
     }
+}
 
+impl SparseWriter<File> {
     /// Sets the file's length to `len` (trailing holes count) and syncs it.
     pub fn finish(self, len: u64) -> std::io::Result<File> {
         self.file.set_len(len)?;
